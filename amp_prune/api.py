@@ -1,0 +1,150 @@
+"""``prune(config)``: model -> calibration -> scores -> plan -> surgery -> export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import resource
+import sys
+import time
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+
+import torch
+
+from amp_prune.calibration import build_batches
+from amp_prune.config import PruneConfig
+from amp_prune.criteria import ScoreContext, get_criterion
+from amp_prune.evaluation import perplexity
+from amp_prune.export import check_out_dir, export
+from amp_prune.modelio import load_model, resolve_device, resolve_dtype
+from amp_prune.plan import PrunePlan, compute_budget, count_params, effective_mode, make_plan
+from amp_prune.surgery import apply_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """The pruned in-memory model and what the run measured."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    plan: PrunePlan
+    summary: dict
+    out: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+def versions() -> dict[str, str]:
+    """Versions of Python and the packages that shape the result."""
+    out = {"python": sys.version.split()[0], "platform": platform.platform()}
+    for pkg in ("amp-prune", "torch", "transformers", "accelerate", "safetensors", "datasets", "gguf"):
+        try:
+            out[pkg] = metadata.version(pkg)
+        except metadata.PackageNotFoundError:
+            out[pkg] = "not installed"
+    return out
+
+
+def peak_rss_mb() -> float:
+    """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
+    """Run one width-pruning job as described by ``config``; export unless ``save`` is False."""
+    config.validate()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = config.out or config.default_out()
+    if save:
+        check_out_dir(out, overwrite=config.overwrite, input_path=None)
+    device = resolve_device(config.device)
+    dtype = resolve_dtype(config.dtype, device)
+    home = torch.device("cpu") if config.offload else device
+
+    t = time.perf_counter()
+    loaded = load_model(config.model, device=home, dtype=dtype)
+    if save:
+        check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
+    model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+    timings["load_s"] = time.perf_counter() - t
+
+    t = time.perf_counter()
+    calib, held = build_batches(tok, config.calib, num_samples=config.num_samples, seq_len=config.seq_len,
+                                batch_size=config.batch_size, seed=config.seed, eval_samples=config.eval_samples,
+                                field=config.calib_field, config=config.calib_config, split=config.calib_split,
+                                eval_text=config.eval_text)
+    timings["calibration_data_s"] = time.perf_counter() - t
+    dims_before = spec.dims(model.config)
+    params_before = count_params(model)
+    ppl_before = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (dense)") if held else None
+
+    t = time.perf_counter()
+    mode = effective_mode(model, spec, config.gqa_mode)
+    if mode != config.gqa_mode:
+        log.info("model has one query head per KV head (MHA): using gqa_mode=group")
+    if config.plan:
+        plan = PrunePlan.load(config.plan)
+        budget = None
+    else:
+        budget = compute_budget(model, spec, config.ratio, mode)
+        scores = get_criterion(config.criterion)(model, spec, calib,
+                                                 ScoreContext(device=device, seed=config.seed, progress=config.progress))
+        plan = make_plan(model, spec, scores, budget, mode=mode, criterion=config.criterion, ratio=config.ratio)
+    timings["scoring_s"] = time.perf_counter() - t
+    if device.type == "cuda":
+        timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+
+    t = time.perf_counter()
+    apply_plan(model, plan, spec)
+    timings["surgery_s"] = time.perf_counter() - t
+    dims_after = spec.dims(model.config)
+    params_after = count_params(model)
+    ppl_after = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (pruned)") if held else None
+
+    summary = {
+        "name": out.rstrip("/").split("/")[-1], "source": config.model, "method": f"width, criterion={config.criterion}, "
+        f"gqa_mode={plan.gqa_mode}", "target_ratio": config.ratio,
+        "params_before": params_before, "params_after": params_after,
+        "achieved_ratio": 1 - params_after / params_before,
+        "heads_before": dims_before["n_heads"], "heads_after": dims_after["n_heads"],
+        "kv_before": dims_before["n_kv"], "kv_after": dims_after["n_kv"],
+        "channels_before": dims_before["intermediate"], "channels_after": dims_after["intermediate"],
+        "ppl_before": ppl_before if ppl_before is not None else float("nan"),
+        "ppl_after": ppl_after if ppl_after is not None else float("nan"),
+        "ppl_protocol": (f"{sum(b.input_ids.shape[0] for b in held)} held-out chunks of <= {config.seq_len} tokens "
+                         f"from {config.eval_text or config.calib + ' (not used for calibration)'}") if held else None,
+        "budget": None if budget is None else {"attn_units_per_block": budget.attn_units,
+                                               "channels_per_block": budget.channels},
+    }
+    result = PruneResult(model=model, tokenizer=tok, plan=plan, summary=summary, out=None, timings=timings)
+    if save:
+        t = time.perf_counter()
+        run_info = {"config": config.to_dict(), "seed": config.seed, "versions": versions(), "device": str(device),
+                    "dtype": str(dtype), "summary": summary, "timings": timings}
+        check = export(model, tok, out, check_batches=(held or calib)[:1], device=device, spec=spec,
+                       files={"pruning_plan.json": plan.to_dict(), "run.json": run_info}, summary_for_card=summary,
+                       overwrite=config.overwrite, input_path=loaded.path)
+        timings["export_s"] = time.perf_counter() - t
+        summary["export_max_abs_diff"] = check.max_abs_diff
+        summary["exported_class"] = check.exported_class
+        result.out = str(check_out_dir(out, overwrite=True))
+    timings["total_s"] = time.perf_counter() - t0
+    timings["peak_rss_mb"] = peak_rss_mb()
+    if result.out:
+        _rewrite_json(Path(result.out) / "run.json", timings=timings, summary=summary)
+    return result
+
+
+def _rewrite_json(path: Path, **updates) -> None:
+    """Atomically update top-level keys of a JSON file (final timings are known only after export)."""
+    data = json.loads(path.read_text())
+    data.update(updates)
+    tmp = path.with_suffix(".json.tmp")
+    tmp.write_text(json.dumps(data, indent=1, default=str))
+    os.replace(tmp, path)

@@ -1,0 +1,64 @@
+"""The configuration of one pruning run, shared by the Python API and the CLI."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from amp_prune.calibration import DEFAULT_SOURCE, MIN_CHUNK_TOKENS
+from amp_prune.criteria import CRITERIA
+from amp_prune.errors import AmpPruneError
+from amp_prune.plan import GQA_MODES
+
+
+@dataclass
+class PruneConfig:
+    """What to prune, by how much, and how to calibrate. ``validate()`` raises one-line errors."""
+
+    model: str
+    ratio: float = 0.3
+    out: str | None = None
+    criterion: str = "amp"
+    gqa_mode: str = "group"
+    calib: str = DEFAULT_SOURCE
+    calib_config: str | None = None
+    calib_split: str = "train"
+    calib_field: str = "text"
+    num_samples: int = 64
+    seq_len: int = 512
+    batch_size: int = 8
+    eval_samples: int = 16
+    eval_text: str | None = None
+    seed: int = 0
+    device: str = "auto"
+    dtype: str = "auto"
+    offload: bool = False
+    overwrite: bool = False
+    progress: bool = True
+    plan: str | None = None  # replay this pruning_plan.json instead of scoring
+
+    def validate(self) -> PruneConfig:
+        """Check every field; return ``self`` so calls chain."""
+        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+            raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
+        if self.criterion not in CRITERIA:
+            raise AmpPruneError(f"unknown --criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
+        if self.gqa_mode not in GQA_MODES:
+            raise AmpPruneError(f"unknown --gqa-mode '{self.gqa_mode}': choose one of {', '.join(GQA_MODES)}")
+        for name, low in (("num_samples", 1), ("seq_len", MIN_CHUNK_TOKENS), ("batch_size", 1), ("eval_samples", 0)):
+            value = getattr(self, name)
+            if not isinstance(value, int) or value < low:
+                raise AmpPruneError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value})")
+        if self.plan is not None and not Path(self.plan).is_file():
+            raise AmpPruneError(f"plan file not found: {self.plan}")
+        if self.eval_text is not None and not Path(self.eval_text).is_file():
+            raise AmpPruneError(f"--eval-text file not found: {self.eval_text}")
+        return self
+
+    def default_out(self) -> str:
+        """``<model name>-<criterion><percent>`` in the current directory."""
+        name = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
+        return f"{name}-{self.criterion}{round(self.ratio * 100)}"
+
+    def to_dict(self) -> dict:
+        return asdict(self)

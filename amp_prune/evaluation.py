@@ -1,0 +1,57 @@
+"""Held-out perplexity, computed block by block.
+
+``ppl = exp( sum_t -log p(x_{t+1} | x_{<=t}) / N )`` over pairs of consecutive real tokens
+(pad positions never count), accumulated in fp64.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from amp_prune.arch import ArchSpec
+from amp_prune.blockwise import capture_inputs, final_logits, run_blocks
+from amp_prune.calibration import Batch
+
+
+@torch.no_grad()
+def final_hidden(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, *,
+                 progress: bool = False, desc: str = "forward") -> list[torch.Tensor]:
+    """Hidden states ``[B, T, H]`` leaving the last block of every batch (before the final norm)."""
+    states = run_blocks(model, spec, capture_inputs(model, spec, batches, device), device, progress=progress, desc=desc)
+    return [s.hidden for s in states]
+
+
+@torch.no_grad()
+def max_logit_diff(model_a: nn.Module, spec_a: ArchSpec, model_b: nn.Module, spec_b: ArchSpec,
+                   batches: list[Batch], device: torch.device) -> float:
+    """``max |logits_a - logits_b|`` over real tokens, one sequence at a time to bound memory."""
+    ha, hb = final_hidden(model_a, spec_a, batches, device), final_hidden(model_b, spec_b, batches, device)
+    worst = 0.0
+    for xa, xb, b in zip(ha, hb, batches):
+        for r in range(xa.shape[0]):
+            keep = b.attention_mask[r].bool().to(xa.device)
+            la = final_logits(model_a, spec_a, xa[r:r + 1], device)[0, keep]
+            lb = final_logits(model_b, spec_b, xb[r:r + 1], device)[0, keep]
+            worst = max(worst, (la - lb).abs().max().item() if keep.any() else 0.0)
+    return worst
+
+
+@torch.no_grad()
+def perplexity(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, *,
+               progress: bool = False, desc: str = "perplexity") -> float:
+    """Token-level perplexity of ``model`` on ``batches``; ``nan`` when there is nothing to score."""
+    states = run_blocks(model, spec, capture_inputs(model, spec, batches, device), device, progress=progress, desc=desc)
+    nll, count = 0.0, 0
+    for s, b in zip(states, batches):
+        for r in range(s.hidden.shape[0]):  # one row at a time bounds the [T, V] logits
+            logits = final_logits(model, spec, s.hidden[r:r + 1], device)[0, :-1]
+            target = b.input_ids[r, 1:].to(logits.device)
+            keep = (b.attention_mask[r, 1:] & b.attention_mask[r, :-1]).bool().to(logits.device)
+            if keep.any():
+                nll += F.cross_entropy(logits[keep], target[keep], reduction="sum").double().item()
+                count += int(keep.sum())
+    return math.exp(nll / count) if count else float("nan")
