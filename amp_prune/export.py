@@ -18,6 +18,7 @@ from pathlib import Path
 
 import torch
 from accelerate import init_empty_weights
+from huggingface_hub.errors import StrictDataclassClassValidationError
 from transformers import AutoModelForCausalLM, MistralConfig, MistralForCausalLM, PreTrainedModel
 
 from amp_prune.arch import ArchSpec, get_spec
@@ -60,7 +61,7 @@ def _config_is_valid(config) -> bool:
     try:
         type(config)(**config.to_dict())
         return True
-    except (ValueError, TypeError):
+    except (ValueError, TypeError, StrictDataclassClassValidationError):
         return False
 
 

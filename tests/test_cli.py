@@ -1,0 +1,106 @@
+"""The command line: a tiny end-to-end run and every bad input getting a one-line error."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+from transformers import AutoModelForCausalLM, GPT2Config, GPT2LMHeadModel
+
+from amp_prune.cli import main
+
+TINY = ["--num-samples", "4", "--seq-len", "32", "--eval-samples", "2", "--batch-size", "2", "--no-progress"]
+
+
+def run_cli(*args, cwd=None):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
+    return subprocess.run([sys.executable, "-m", "amp_prune", *map(str, args)], capture_output=True, text=True,
+                          env=env, cwd=cwd, timeout=300)
+
+
+def assert_one_line_error(proc, match):
+    assert proc.returncode == 2, proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("amp-prune: error:"), proc.stderr
+    assert "Traceback" not in proc.stderr and match in lines[0]
+
+
+def test_end_to_end_on_tiny_model(tiny_dir, tmp_path, capsys):
+    src = tiny_dir("qwen2")
+    before = {p.name: p.read_bytes() for p in src.iterdir()}
+    out = tmp_path / "pruned"
+    assert main([str(src), "--ratio", "0.3", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert re.search(r"removed \d+\.\d\d% of all parameters \(target 30%\)", text) and "logits match" in text
+    for name in ("model.safetensors", "config.json", "tokenizer.json", "pruning_plan.json", "run.json", "README.md"):
+        assert (out / name).is_file(), name
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["ratio"] == 0.3 and run["seed"] == 0 and "transformers" in run["versions"]
+    assert {"scoring_s", "surgery_s", "export_s", "total_s"} <= set(run["timings"])
+    assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
+    assert abs(run["summary"]["achieved_ratio"] - 0.3) < 0.02
+    assert AutoModelForCausalLM.from_pretrained(out).config.intermediate_size == run["summary"]["channels_after"]
+    assert {p.name: p.read_bytes() for p in src.iterdir()} == before  # the input is never modified
+    # replaying the plan on the original gives the same weights
+    out2 = tmp_path / "replayed"
+    assert main([str(src), "--plan", str(out / "pruning_plan.json"), "--out", str(out2), *TINY]) == 0
+    a = AutoModelForCausalLM.from_pretrained(out).state_dict()
+    b = AutoModelForCausalLM.from_pretrained(out2).state_dict()
+    assert all((a[k] == b[k]).all() for k in a)
+
+
+@pytest.mark.parametrize("ratio", ["0", "-0.2", "1", "1.5"])
+def test_bad_ratio(tiny_dir, tmp_path, ratio):
+    proc = run_cli(tiny_dir(), "--ratio", ratio, "--out", tmp_path / "o")
+    assert_one_line_error(proc, "--ratio must be strictly between 0 and 1")
+    assert not (tmp_path / "o").exists()
+
+
+def test_missing_model_path(tmp_path):
+    proc = run_cli(tmp_path / "nope", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "model path not found")
+    assert not (tmp_path / "o").exists()
+
+
+def test_unreachable_hub_id(tmp_path):
+    proc = run_cli("no-such-org/no-such-model-xyz", "--out", tmp_path / "o")
+    assert_one_line_error(proc, "cannot load 'no-such-org/no-such-model-xyz' from the Hugging Face hub")
+
+
+def test_unsupported_architecture(tmp_path):
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
+    proc = run_cli(d, "--out", tmp_path / "o")
+    assert_one_line_error(proc, "unsupported architecture 'gpt2'")
+    assert "llama, mistral, phi3, qwen2, qwen3" in proc.stderr
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("content,match", [("", "has no text"), ("tiny text", "is too short")])
+def test_empty_or_short_calibration(tiny_dir, tmp_path, content, match):
+    f = tmp_path / "calib.txt"
+    f.write_text(content)
+    proc = run_cli(tiny_dir(), "--calib", f, "--out", tmp_path / "o", "--num-samples", "8")
+    assert_one_line_error(proc, match)
+    assert not (tmp_path / "o").exists()
+
+
+def test_existing_output_dir(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep")
+    proc = run_cli(tiny_dir(), "--out", out)
+    assert_one_line_error(proc, "already exists; pass --overwrite")
+    assert [p.name for p in out.iterdir()] == ["mine.txt"]
+
+
+def test_output_over_input_refused(tiny_dir):
+    src = tiny_dir()
+    proc = run_cli(src, "--out", src, "--overwrite", *TINY)
+    assert_one_line_error(proc, "would overwrite the input model")
+    assert (src / "config.json").is_file() and not (src / "pruning_plan.json").exists()
+    assert not [p for p in src.parent.iterdir() if p.name.startswith(".")]

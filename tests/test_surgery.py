@@ -1,0 +1,133 @@
+"""Physical pruning equals zeroing the same units, for every supported family and GQA mode."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from conftest import FAMILIES, random_batches
+from tiny import tiny_model
+
+from amp_prune.arch import get_spec
+from amp_prune.criteria import ScoreContext, get_criterion
+from amp_prune.errors import AmpPruneError
+from amp_prune.plan import LayerPlan, PrunePlan, compute_budget, count_params, effective_mode, make_plan
+from amp_prune.surgery import apply_plan
+
+CPU = torch.device("cpu")
+
+
+def zero_units(model, plan: PrunePlan):
+    """Reference written independently of surgery: zero o_proj columns / down_proj columns."""
+    ref = copy.deepcopy(model)
+    hd = plan.dims["head_dim"]
+    names = dict(ref.named_modules())
+    with torch.no_grad():
+        for lp in plan.layers:
+            o = names[f"model.layers.{lp.layer}.self_attn.o_proj"].weight
+            for h in lp.heads:
+                o[:, h * hd:(h + 1) * hd] = 0
+            down = names[f"model.layers.{lp.layer}.mlp.down_proj"].weight
+            down[:, lp.channels] = 0
+    return ref
+
+
+def build_plan(model, mode="group", criterion="amp", ratio=0.3):
+    spec = get_spec(model.config.model_type)
+    mode = effective_mode(model, spec, mode)
+    scores = get_criterion(criterion)(model, spec, random_batches(), ScoreContext(CPU, progress=False))
+    return make_plan(model, spec, scores, compute_budget(model, spec, ratio, mode), mode=mode, criterion=criterion,
+                     ratio=ratio)
+
+
+def logits(model, batch):
+    with torch.no_grad():
+        return model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+
+
+@pytest.mark.parametrize("mode", ["group", "heads"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_pruned_equals_zeroed(family, mode):
+    model = tiny_model(family)
+    plan = build_plan(model, mode)
+    assert any(lp.heads for lp in plan.layers) and any(lp.channels for lp in plan.layers)
+    ref = zero_units(model, plan)
+    before = count_params(model)
+    apply_plan(model, plan)
+    assert count_params(model) < before
+    for b in random_batches(seed=1):
+        mask = b.attention_mask.bool()
+        torch.testing.assert_close(logits(model, b)[mask], logits(ref, b)[mask], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["group", "heads"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_config_matches_tensor_shapes(family, mode):
+    model = tiny_model(family)
+    apply_plan(model, build_plan(model, mode))
+    spec = get_spec(model.config.model_type)
+    d = spec.dims(model.config)
+    for layer in spec.get_layers(model):
+        attn, mlp = spec.attention(layer), spec.mlp_module(layer)
+        q_out = d["n_heads"] * d["head_dim"]
+        kv_out = d["n_kv"] * d["head_dim"]
+        if spec.qkv:
+            assert attn.qkv_proj.weight.shape == (q_out + 2 * kv_out, d["hidden"])
+            assert mlp.gate_up_proj.weight.shape == (2 * d["intermediate"], d["hidden"])
+        else:
+            assert attn.q_proj.weight.shape == (q_out, d["hidden"]) == (attn.q_proj.out_features, attn.q_proj.in_features)
+            assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (kv_out, d["hidden"])
+            assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (d["intermediate"], d["hidden"])
+            if attn.q_proj.bias is not None:
+                assert attn.q_proj.bias.shape == (q_out,)
+        assert attn.o_proj.weight.shape == (d["hidden"], q_out) and attn.o_proj.in_features == q_out
+        assert mlp.down_proj.weight.shape == (d["hidden"], d["intermediate"])
+        assert attn.num_key_value_groups == d["n_heads"] // d["n_kv"]
+
+
+def test_mode_changes_what_is_removed():
+    model = tiny_model("llama_gqa")  # 8 heads, 2 KV heads
+    group, heads = build_plan(model, "group"), build_plan(model, "heads")
+    assert group.layers[0].kv_heads and len(group.layers[0].heads) == 4  # a whole group of 4 heads
+    assert not heads.layers[0].kv_heads and len(heads.layers[0].heads) == 2  # one head in each group
+    assert {h // 4 for h in heads.layers[0].heads} == {0, 1}
+
+
+def test_plan_replays_on_fresh_model_via_json(tmp_path):
+    model = tiny_model("qwen2")
+    plan = build_plan(model, "heads")
+    plan.save(tmp_path / "plan.json")
+    apply_plan(model, plan)
+    fresh = tiny_model("qwen2")
+    apply_plan(fresh, PrunePlan.load(tmp_path / "plan.json"))
+    for (n1, p1), (n2, p2) in zip(model.state_dict().items(), fresh.state_dict().items()):
+        assert n1 == n2 and torch.equal(p1, p2)
+
+
+def test_scoring_does_not_mutate_model():
+    model = tiny_model("llama_gqa")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    for crit in ("amp", "magnitude", "random"):
+        build_plan(model, criterion=crit)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+
+
+def test_bad_plans_are_rejected():
+    model = tiny_model("llama_gqa")
+    plan = build_plan(model, "heads")
+    bad = copy.deepcopy(plan)
+    bad.layers[0].heads = bad.layers[0].heads[:1]  # uneven groups in layer 0 -> shapes differ
+    with pytest.raises(AmpPruneError, match="same number|different shapes"):
+        apply_plan(tiny_model("llama_gqa"), bad)
+    other = tiny_model("qwen3")
+    with pytest.raises(AmpPruneError, match="plan was made for"):
+        apply_plan(other, plan)
+    bad = copy.deepcopy(plan)
+    bad.layers[1].channels = [10_000]
+    with pytest.raises(AmpPruneError, match="invalid channels"):
+        apply_plan(tiny_model("llama_gqa"), bad)
+    bad = copy.deepcopy(plan)
+    bad.layers[0] = LayerPlan(layer=0, heads=[0, 1, 2, 3], kv_heads=[])  # drops all heads of group 0 but keeps KV 0
+    with pytest.raises(AmpPruneError):
+        apply_plan(tiny_model("llama_gqa"), bad)
