@@ -55,6 +55,19 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def _placement(model: torch.nn.Module, device: torch.device, offload: bool) -> torch.device:
+    """Keep the model on the GPU if it fits in 80% of free memory; otherwise run block by block from CPU."""
+    if offload:
+        return torch.device("cpu")
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.8 * free:
+        log.warning("model needs %.1f GiB but %s has %.1f GiB free: keeping it in CPU memory and moving one block "
+                    "at a time (as --offload)", need / 2**30, device, free / 2**30)
+        return torch.device("cpu")
+    return device
+
+
 def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     """Run one width-pruning job as described by ``config``; export unless ``save`` is False."""
     config.validate()
@@ -68,7 +81,10 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     home = torch.device("cpu") if config.offload else device
 
     t = time.perf_counter()
-    loaded = load_model(config.model, device=home, dtype=dtype)
+    loaded = load_model(config.model, device=torch.device("cpu") if device.type == "cuda" else home, dtype=dtype)
+    if device.type == "cuda":
+        home = _placement(loaded.model, device, config.offload)
+        loaded.model.to(home)
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec

@@ -54,7 +54,8 @@ def _outside_blocks(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:
 
 
 @torch.no_grad()
-def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device) -> list[BlockInputs]:
+def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, *,
+                   progress: bool = False, desc: str = "calibration: embedding batches") -> list[BlockInputs]:
     """Run the embeddings of every batch and capture what enters block 0."""
     layers = spec.get_layers(model)
     captured: list[BlockInputs] = []
@@ -74,7 +75,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[Batch], devic
                 stack.enter_context(_move_all(m, device))
         handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         stack.callback(handle.remove)
-        for b in batches:
+        for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
             try:
                 model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device), use_cache=False)
             except _StopForward:

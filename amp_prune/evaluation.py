@@ -55,3 +55,19 @@ def perplexity(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: t
                 nll += F.cross_entropy(logits[keep], target[keep], reduction="sum").double().item()
                 count += int(keep.sum())
     return math.exp(nll / count) if count else float("nan")
+
+
+def text_windows(tokenizer, text: str, seq_len: int, *, max_windows: int | None = None,
+                 batch_size: int = 8) -> list[Batch]:
+    """Tokenize ``text`` once and cut it into non-overlapping ``seq_len`` windows (no padding).
+
+    This is the perplexity protocol of GPTQ, Wanda, SliceGPT and LLM-Pruner when ``text`` is
+    the WikiText-2 test rows joined with ``"\\n\\n"``.
+    """
+    ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.long)
+    n = ids.numel() // seq_len
+    if max_windows is not None:
+        n = min(n, max_windows)
+    windows = ids[: n * seq_len].view(n, seq_len)
+    return [Batch(windows[i:i + batch_size], torch.ones_like(windows[i:i + batch_size]))
+            for i in range(0, n, batch_size)]

@@ -76,7 +76,7 @@ def amp_scores(model: nn.Module, spec: ArchSpec, batches: list[Batch], ctx: Scor
         stack.callback(down.register_forward_pre_hook(d_hook).remove)
         return stack
 
-    inputs = capture_inputs(model, spec, batches, ctx.device)
+    inputs = capture_inputs(model, spec, batches, ctx.device, progress=ctx.progress)
     run_blocks(model, spec, inputs, ctx.device, layer_context=layer_context, progress=ctx.progress,
                desc="AMP scoring")
     out = []
