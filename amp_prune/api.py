@@ -9,7 +9,7 @@ import platform
 import resource
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from importlib import metadata
 from pathlib import Path
 
@@ -19,9 +19,13 @@ from amp_prune.calibration import build_batches
 from amp_prune.config import PruneConfig
 from amp_prune.criteria import ScoreContext, get_criterion
 from amp_prune.evaluation import perplexity
+from amp_prune.errors import AmpPruneError
 from amp_prune.export import check_out_dir, export
 from amp_prune.modelio import load_model, resolve_device, resolve_dtype
-from amp_prune.plan import PrunePlan, compute_budget, count_params, effective_mode, make_plan
+from amp_prune.hybrid import hybrid_search
+from amp_prune.plots import plot_steps
+from amp_prune.layer_drop import search_blocks
+from amp_prune.plan import LayerPlan, PrunePlan, compute_budget, count_params, effective_mode, make_plan
 from amp_prune.surgery import apply_plan
 
 log = logging.getLogger(__name__)
@@ -68,6 +72,61 @@ def _placement(model: torch.nn.Module, device: torch.device, offload: bool) -> t
     return device
 
 
+def _describe(config: PruneConfig, plan: PrunePlan) -> str:
+    if plan.method == "cka":
+        return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
+                f"({'one-shot' if config.one_shot else 'iterative'}, {config.representation} representation)")
+    if plan.method == "hybrid":
+        return f"hybrid width+depth (AMP + CKA), gqa_mode={plan.gqa_mode}"
+    return f"width, criterion={plan.criterion}, gqa_mode={plan.gqa_mode}"
+
+
+def _run_method(config: PruneConfig, model: torch.nn.Module, spec, calib, device: torch.device,
+                timings: dict[str, float], notes: list[str]) -> tuple[torch.nn.Module, PrunePlan]:
+    """Score/search and apply; returns the pruned model (hybrid may return a new object) and its plan."""
+    t = time.perf_counter()
+    dims = spec.dims(model.config)
+    ctx = ScoreContext(device=device, seed=config.seed, progress=config.progress)
+    if config.plan:
+        plan = PrunePlan.load(config.plan)
+        apply_plan(model, plan, spec)
+        timings["surgery_s"] = time.perf_counter() - t
+        return model, plan
+    if config.method == "cka":
+        n_blocks = config.layers
+        if n_blocks is None:
+            per_block = count_params(spec.get_layers(model)[0])
+            n_blocks = min(max(round(config.ratio * count_params(model) / per_block), 1), dims["n_layers"] - 1)
+            notes.append(f"--ratio {config.ratio} with --method cka: dropping {n_blocks} of {dims['n_layers']} blocks "
+                         f"(one block is {per_block / count_params(model):.2%} of the parameters)")
+        removed, steps = search_blocks(model, spec, calib, n_blocks, device=device, criterion=config.layer_criterion,
+                                       iterative=not config.one_shot, representation=config.representation,
+                                       progress=config.progress)
+        plan = PrunePlan(model_type=model.config.model_type, dims=dims, gqa_mode="-", criterion=config.layer_criterion,
+                         target_ratio=config.ratio, layers=[LayerPlan(layer=i) for i in range(dims["n_layers"])],
+                         removed_layers=removed, method="cka", steps=[asdict(s) for s in steps])
+        timings["search_s"] = time.perf_counter() - t
+        return model, plan
+    if config.method == "hybrid":
+        model, plan = hybrid_search(model, spec, calib, config.ratio, device=device, gqa_mode=config.gqa_mode,
+                                    representation=config.representation, seed=config.seed, progress=config.progress)
+        timings["search_s"] = time.perf_counter() - t
+        return model, plan
+    mode = effective_mode(model, spec, config.gqa_mode)
+    if mode != config.gqa_mode:
+        notes.append("the model has one query head per KV head (MHA): using --gqa-mode group")
+    budget = compute_budget(model, spec, config.ratio, mode)
+    scores = get_criterion(config.criterion)(model, spec, calib, ctx)
+    plan = make_plan(model, spec, scores, budget, mode=mode, criterion=config.criterion, ratio=config.ratio)
+    timings["scoring_s"] = time.perf_counter() - t
+    if device.type == "cuda":
+        timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    t = time.perf_counter()
+    apply_plan(model, plan, spec)
+    timings["surgery_s"] = time.perf_counter() - t
+    return model, plan
+
+
 def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     """Run one width-pruning job as described by ``config``; export unless ``save`` is False."""
     config.validate()
@@ -88,6 +147,10 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec
+    n_layers = spec.dims(model.config)["n_layers"]
+    if config.method == "cka" and config.layers is not None and not 0 < config.layers < n_layers:
+        raise AmpPruneError(f"--layers must be between 1 and {n_layers - 1} for a model with {n_layers} blocks "
+                            f"(got {config.layers})")
     timings["load_s"] = time.perf_counter() - t
 
     t = time.perf_counter()
@@ -100,32 +163,17 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     params_before = count_params(model)
     ppl_before = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (dense)") if held else None
 
-    t = time.perf_counter()
-    mode = effective_mode(model, spec, config.gqa_mode)
-    if mode != config.gqa_mode:
-        log.info("model has one query head per KV head (MHA): using gqa_mode=group")
-    if config.plan:
-        plan = PrunePlan.load(config.plan)
-        budget = None
-    else:
-        budget = compute_budget(model, spec, config.ratio, mode)
-        scores = get_criterion(config.criterion)(model, spec, calib,
-                                                 ScoreContext(device=device, seed=config.seed, progress=config.progress))
-        plan = make_plan(model, spec, scores, budget, mode=mode, criterion=config.criterion, ratio=config.ratio)
-    timings["scoring_s"] = time.perf_counter() - t
-    if device.type == "cuda":
-        timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
-
-    t = time.perf_counter()
-    apply_plan(model, plan, spec)
-    timings["surgery_s"] = time.perf_counter() - t
+    notes: list[str] = []
+    model, plan = _run_method(config, model, spec, calib, device, timings, notes)
     dims_after = spec.dims(model.config)
     params_after = count_params(model)
     ppl_after = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (pruned)") if held else None
 
     summary = {
-        "name": out.rstrip("/").split("/")[-1], "source": config.model, "method": f"width, criterion={config.criterion}, "
-        f"gqa_mode={plan.gqa_mode}", "target_ratio": config.ratio,
+        "name": out.rstrip("/").split("/")[-1], "source": config.model, "method": _describe(config, plan),
+        "target_ratio": config.ratio if config.layers is None else None, "notes": notes,
+        "layers_before": dims_before["n_layers"], "layers_after": dims_after["n_layers"],
+        "removed_layers": plan.removed_layers,
         "params_before": params_before, "params_after": params_after,
         "achieved_ratio": 1 - params_after / params_before,
         "heads_before": dims_before["n_heads"], "heads_after": dims_after["n_heads"],
@@ -135,8 +183,6 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
         "ppl_after": ppl_after if ppl_after is not None else float("nan"),
         "ppl_protocol": (f"{sum(b.input_ids.shape[0] for b in held)} held-out chunks of <= {config.seq_len} tokens "
                          f"from {config.eval_text or config.calib + ' (not used for calibration)'}") if held else None,
-        "budget": None if budget is None else {"attn_units_per_block": budget.attn_units,
-                                               "channels_per_block": budget.channels},
     }
     result = PruneResult(model=model, tokenizer=tok, plan=plan, summary=summary, out=None, timings=timings)
     if save:
@@ -145,6 +191,7 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
                     "dtype": str(dtype), "summary": summary, "timings": timings}
         check = export(model, tok, out, check_batches=(held or calib)[:1], device=device, spec=spec,
                        files={"pruning_plan.json": plan.to_dict(), "run.json": run_info}, summary_for_card=summary,
+                       writers=[lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else None,
                        overwrite=config.overwrite, input_path=loaded.path)
         timings["export_s"] = time.perf_counter() - t
         summary["export_max_abs_diff"] = check.max_abs_diff

@@ -102,12 +102,13 @@ def _move_all(module: nn.Module, device: torch.device) -> Iterator[None]:
 def run_blocks(model: nn.Module, spec: ArchSpec, inputs: list[BlockInputs], device: torch.device, *,
                layer_context: Callable[[int, nn.Module, "MaskRef"], contextlib.AbstractContextManager] | None = None,
                skip: set[int] | None = None, start: int = 0, progress: bool = True,
-               desc: str = "blocks") -> list[BlockInputs]:
+               desc: str = "blocks", record: dict[int, list[BlockInputs]] | None = None) -> list[BlockInputs]:
     """Push ``inputs`` through blocks ``start..L-1`` (minus ``skip``), one block at a time.
 
     ``layer_context(i, layer, mask_ref)`` may return a context manager (typically installing
     hooks) that is active while block ``i`` runs; ``mask_ref.mask`` holds the current batch's
     token mask ``[B, T]``. Returns new ``BlockInputs`` holding the last block's outputs.
+    If ``record`` is given, ``record[i]`` receives the states entering block ``i`` (a prefix cache).
     """
     layers = spec.get_layers(model)
     states = [BlockInputs(x.hidden, x.kwargs, x.mask) for x in inputs]
@@ -115,6 +116,8 @@ def run_blocks(model: nn.Module, spec: ArchSpec, inputs: list[BlockInputs], devi
     idx = [i for i in range(start, len(layers)) if not skip or i not in skip]
     for i in tqdm(idx, desc=desc, disable=not progress, leave=False):
         layer = layers[i]
+        if record is not None:
+            record[i] = [BlockInputs(s.hidden, s.kwargs, s.mask) for s in states]
         with on_device(layer, device):
             ctx = layer_context(i, layer, ref) if layer_context else contextlib.nullcontext()
             with ctx:

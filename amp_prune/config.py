@@ -8,7 +8,10 @@ from pathlib import Path
 from amp_prune.calibration import DEFAULT_SOURCE, MIN_CHUNK_TOKENS
 from amp_prune.criteria import CRITERIA
 from amp_prune.errors import AmpPruneError
+from amp_prune.layer_drop import LAYER_CRITERIA, REPRESENTATIONS
 from amp_prune.plan import GQA_MODES
+
+METHODS = ("width", "cka", "hybrid")
 
 
 @dataclass
@@ -18,6 +21,11 @@ class PruneConfig:
     model: str
     ratio: float = 0.3
     out: str | None = None
+    method: str = "width"  # width (AMP) | cka (drop blocks) | hybrid
+    layers: int | None = None  # blocks to drop with method=cka (else derived from ratio)
+    layer_criterion: str = "cka"
+    one_shot: bool = False  # cka: score once and drop the top N, instead of rescoring after each removal
+    representation: str = "token"  # CKA over per-token states, or per-sequence mean-pooled ones
     criterion: str = "amp"
     gqa_mode: str = "group"
     calib: str = DEFAULT_SOURCE
@@ -41,6 +49,19 @@ class PruneConfig:
         """Check every field; return ``self`` so calls chain."""
         if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
+        if self.method not in METHODS:
+            raise AmpPruneError(f"unknown --method '{self.method}': choose one of {', '.join(METHODS)}")
+        if self.layer_criterion not in LAYER_CRITERIA:
+            raise AmpPruneError(f"unknown --layer-criterion '{self.layer_criterion}': choose one of "
+                                f"{', '.join(LAYER_CRITERIA)}")
+        if self.representation not in REPRESENTATIONS:
+            raise AmpPruneError(f"unknown --representation '{self.representation}': choose one of "
+                                f"{', '.join(REPRESENTATIONS)}")
+        if self.layers is not None:
+            if self.method != "cka":
+                raise AmpPruneError("--layers is for --method cka; use --ratio with the other methods")
+            if not isinstance(self.layers, int) or self.layers <= 0:
+                raise AmpPruneError(f"--layers must be a positive number of blocks (got {self.layers})")
         if self.criterion not in CRITERIA:
             raise AmpPruneError(f"unknown --criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
         if self.gqa_mode not in GQA_MODES:
@@ -58,7 +79,11 @@ class PruneConfig:
     def default_out(self) -> str:
         """``<model name>-<criterion><percent>`` in the current directory."""
         name = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
-        return f"{name}-{self.criterion}{round(self.ratio * 100)}"
+        if self.method == "cka":
+            tag = f"{self.layer_criterion}-{self.layers}L" if self.layers else f"{self.layer_criterion}{round(self.ratio * 100)}"
+            return f"{name}-{tag}"
+        tag = self.criterion if self.method == "width" else "hybrid"
+        return f"{name}-{tag}{round(self.ratio * 100)}"
 
     def to_dict(self) -> dict:
         return asdict(self)

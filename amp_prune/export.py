@@ -13,6 +13,7 @@ import logging
 import os
 import shutil
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -110,21 +111,26 @@ def _tolerance(dtype: torch.dtype) -> float:
 def write_model_card(path: Path, summary: dict) -> None:
     """A short README.md: what was removed, the numbers, and how to load it."""
     s = summary
+    name = s.get("name", "path/to/this/dir")
     lines = [
         "---", "library_name: transformers", "tags: [pruned, amp-prune]", "---", "",
-        f"# {s.get('name', 'pruned model')}", "",
+        f"# {name}", "",
         f"Structurally pruned from `{s['source']}` by amp-prune ({s['method']}).", "",
         "| | before | after |", "|---|---|---|",
         f"| parameters | {s['params_before']:,} | {s['params_after']:,} |",
         f"| attention heads / KV heads per block | {s['heads_before']} / {s['kv_before']} | {s['heads_after']} / {s['kv_after']} |",
+        f"| decoder blocks | {s.get('layers_before', '-')} | {s.get('layers_after', '-')} |",
         f"| MLP channels per block | {s['channels_before']} | {s['channels_after']} |",
         f"| held-out perplexity | {s.get('ppl_before', float('nan')):.2f} | {s.get('ppl_after', float('nan')):.2f} |",
-        "", f"Target ratio {s['target_ratio']:.3f}, achieved {s['achieved_ratio']:.4f} of all parameters removed.",
+        "", (f"Target ratio {s['target_ratio']:.3f}, achieved " if s.get("target_ratio") is not None else "Achieved ")
+        + f"{s['achieved_ratio']:.4f} of all parameters removed."
+        + (f" Removed blocks (original indexing): {s['removed_layers']}." if s.get("removed_layers") else ""),
         f"Perplexity: {s.get('ppl_protocol', 'not measured')}.", "",
         f"The export was reloaded with plain `from_pretrained`; max |logit difference| = {s['export_max_abs_diff']:.2e}.",
-        "", "## Load", "", "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
-        'model = AutoModelForCausalLM.from_pretrained("PATH")', 'tok = AutoTokenizer.from_pretrained("PATH")',
-        'pipe = pipeline("text-generation", model="PATH")', "```", "",
+        "", "## Load", "", "No custom code and no `trust_remote_code` are needed:", "",
+        "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+        f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tok = AutoTokenizer.from_pretrained("{name}")',
+        f'pipe = pipeline("text-generation", model="{name}")', "```", "",
         "`pruning_plan.json` lists the removed heads, KV groups and channels per block (original indexing)",
         "and replays on the original model with `amp_prune.apply_plan`; `run.json` records the config,",
         "seed, package versions and timings.", "",
@@ -134,10 +140,12 @@ def write_model_card(path: Path, summary: dict) -> None:
 
 def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches: list[Batch], device: torch.device,
            files: dict[str, dict] | None = None, summary_for_card: dict | None = None, overwrite: bool = False,
-           input_path: str | None = None, spec: ArchSpec | None = None) -> ExportCheck:
+           input_path: str | None = None, spec: ArchSpec | None = None,
+           writers: list[Callable[[Path], None]] | None = None) -> ExportCheck:
     """Write ``model`` to ``out`` atomically after a reload-and-compare check.
 
-    ``files`` maps extra JSON file names to contents. Raises :class:`AmpPruneError` and
+    ``files`` maps extra JSON file names to contents; ``writers`` are called with the
+    temporary dir to add other files (plots). Raises :class:`AmpPruneError` and
     leaves nothing behind if the reloaded logits differ beyond the dtype's tolerance.
     """
     out = check_out_dir(out, overwrite=overwrite, input_path=input_path)
@@ -164,6 +172,8 @@ def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches:
                 payload["export_check"] = {"max_abs_diff": diff, "tolerance": check.tolerance,
                                            "exported_class": check.exported_class}
             (tmp / name).write_text(json.dumps(payload, indent=1, default=str))
+        for write in writers or []:
+            write(tmp)
         if summary_for_card is not None:
             write_model_card(tmp / "README.md", {**summary_for_card, "export_max_abs_diff": diff})
         old = None

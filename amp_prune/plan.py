@@ -46,7 +46,9 @@ class PrunePlan:
     criterion: str
     target_ratio: float
     layers: list[LayerPlan]
-    removed_layers: list[int] = field(default_factory=list)  # whole blocks (depth pruning)
+    removed_layers: list[int] = field(default_factory=list)  # whole blocks (depth pruning), original indexing
+    method: str = "width"  # width | cka | hybrid
+    steps: list[dict] = field(default_factory=list)  # the search log of depth/hybrid runs
     version: int = PLAN_VERSION
 
     def to_dict(self) -> dict:

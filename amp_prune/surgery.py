@@ -93,29 +93,35 @@ def _prune_block(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, i
 def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None) -> nn.Module:
     """Physically remove what ``plan`` lists from ``model`` (in place) and update its config.
 
-    The model must have the shape the plan was made for. Every block must end with the same
-    head, KV-head and channel counts, since one HF config describes all blocks.
+    Width removals are applied to every kept block, then the blocks in ``plan.removed_layers``
+    are dropped. The model must have the shape the plan was made for, and every kept block
+    must end with the same head, KV-head and channel counts (one HF config describes them all).
     """
     from amp_prune.arch import get_spec
+    from amp_prune.layer_drop import drop_blocks
 
     spec = spec or get_spec(model.config.model_type)
     d = spec.dims(model.config)
     if d != plan.dims:
         raise AmpPruneError(f"plan was made for a model with {plan.dims}, this model has {d}")
-    if plan.removed_layers:
-        raise AmpPruneError("this plan removes whole blocks; depth plans are not supported by this version")
     if len(plan.layers) != d["n_layers"]:
         raise AmpPruneError(f"plan lists {len(plan.layers)} blocks, the model has {d['n_layers']}")
-    shapes = {_check_layer(lp, d) for lp in plan.layers}
+    dropped = set(plan.removed_layers)
+    if any(not 0 <= b < d["n_layers"] for b in dropped) or len(dropped) >= d["n_layers"]:
+        raise AmpPruneError(f"plan removes blocks {sorted(dropped)}; the model has {d['n_layers']}")
+    kept = [lp for lp in plan.layers if lp.layer not in dropped]
+    shapes = {_check_layer(lp, d) for lp in kept}
     if len(shapes) != 1:
         raise AmpPruneError(f"plan gives blocks different shapes {sorted(shapes)}; HF configs need uniform blocks")
     (n_q, n_kv, inter), = shapes
     layers = spec.get_layers(model)
-    for lp in plan.layers:
+    for lp in kept:
         _prune_block(layers[lp.layer], spec, lp, d)
     cfg = model.config
     setattr(cfg, spec.n_heads_field, n_q)
     setattr(cfg, spec.n_kv_field, n_kv)
     setattr(cfg, spec.head_dim_field, d["head_dim"])  # must be explicit once heads change
     setattr(cfg, spec.inter_field, inter)
+    if dropped:
+        drop_blocks(model, spec, sorted(dropped))
     return model

@@ -104,3 +104,22 @@ def test_output_over_input_refused(tiny_dir):
     assert_one_line_error(proc, "would overwrite the input model")
     assert (src / "config.json").is_file() and not (src / "pruning_plan.json").exists()
     assert not [p for p in src.parent.iterdir() if p.name.startswith(".")]
+
+
+@pytest.mark.parametrize("layers", ["0", "-2", "3", "9"])
+def test_bad_layer_count(tiny_dir, tmp_path, layers):
+    proc = run_cli(tiny_dir(), "--method", "cka", "--layers", layers, "--out", tmp_path / "o", *TINY)
+    match = "--layers must be" if int(layers) > 0 else "--layers must be a positive number"
+    assert_one_line_error(proc, match)
+    assert not (tmp_path / "o").exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+
+
+def test_depth_end_to_end_writes_plot(tiny_dir, tmp_path, capsys):
+    out = tmp_path / "d"
+    assert main([str(tiny_dir("qwen3")), "--method", "cka", "--layers", "1", "--out", str(out), *TINY]) == 0
+    text = capsys.readouterr().out
+    assert "step  1: drop [" in text and "decoder blocks" in text
+    assert (out / "layer_scores.png").stat().st_size > 1000
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["representation"] == "token" and run["summary"]["layers_after"] == 2
+    assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

@@ -40,10 +40,14 @@ CONFIGS = {
 }
 
 
-def tiny_model(kind: str, seed: int = 0, dtype=torch.float32):
+def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, layers: int | None = None):
     """A randomly initialised tiny model of family ``kind`` with non-trivial biases/norms."""
     torch.manual_seed(seed)
     cfg = CONFIGS[kind]()
+    if layers is not None:
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = [cfg.layer_types[0]] * layers
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():
