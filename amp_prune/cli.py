@@ -12,6 +12,7 @@ from amp_prune.config import METHODS, PruneConfig
 from amp_prune.layer_drop import LAYER_CRITERIA, REPRESENTATIONS
 from amp_prune.criteria import CRITERIA
 from amp_prune.errors import AmpPruneError
+from amp_prune.finetune import FinetuneConfig
 from amp_prune.plan import GQA_MODES
 
 _D = PruneConfig(model="")
@@ -63,7 +64,90 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("-v", "--verbose", action="store_true", help="log details")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+    p.add_argument("--finetune", metavar="DATA",
+                   help="after pruning, recover with LoRA on DATA (see `amp-prune finetune -h`); the pruned model "
+                        "before recovery is kept in OUT-pruned")
+    p.add_argument("--finetune-steps", type=int, help="steps for --finetune (default: one epoch)")
     return p
+
+
+def build_finetune_parser() -> argparse.ArgumentParser:
+    d = FinetuneConfig(model="", data="")
+    p = argparse.ArgumentParser(prog="amp-prune finetune",
+                                description="LoRA recovery of a (pruned) model, merged into a plain HF checkpoint.")
+    p.add_argument("model", metavar="PRUNED_DIR")
+    p.add_argument("--data", required=True, help="Alpaca-style .json/.jsonl (loss on responses) or text "
+                                                 "(.txt/.jsonl/.json/datasets name: causal LM loss)")
+    p.add_argument("--out", help="output directory (default: ./<model>-lora)")
+    p.add_argument("--overwrite", action="store_true")
+    p.add_argument("--steps", type=int, help="optimizer steps (default: one epoch)")
+    p.add_argument("--epochs", type=float)
+    p.add_argument("--lr", type=float, default=d.lr, help="default %(default)s")
+    p.add_argument("--lora-r", type=int, default=d.lora_r, help="default %(default)s")
+    p.add_argument("--lora-alpha", type=int, default=d.lora_alpha, help="default %(default)s")
+    p.add_argument("--lora-dropout", type=float, default=d.lora_dropout, help="default %(default)s")
+    p.add_argument("--seq-len", type=int, default=d.seq_len, help="default %(default)s")
+    p.add_argument("--batch-size", type=int, default=d.batch_size, help="default %(default)s")
+    p.add_argument("--grad-accum", type=int, default=d.grad_accum, help="default %(default)s")
+    p.add_argument("--eval-samples", type=int, default=d.eval_samples,
+                   help="held-out examples for perplexity before/after (default %(default)s)")
+    p.add_argument("--save-every", type=int, default=d.save_every, help="checkpoint interval (default %(default)s)")
+    p.add_argument("--data-field", default=d.data_field)
+    p.add_argument("--gradient-checkpointing", action="store_true")
+    p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--device", default=d.device)
+    p.add_argument("--dtype", default=d.dtype)
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def _finetune_config(args, model: str, out: str | None, data: str) -> FinetuneConfig:
+    keys = ("steps", "epochs", "lr", "lora_r", "lora_alpha", "lora_dropout", "seq_len", "batch_size", "grad_accum",
+            "eval_samples", "save_every", "data_field", "gradient_checkpointing", "seed", "device", "dtype",
+            "overwrite")
+    return FinetuneConfig(model=model, data=data, out=out, progress=not args.no_progress,
+                          **{k: getattr(args, k) for k in keys if hasattr(args, k)})
+
+
+def format_finetune(s: dict) -> str:
+    return (f"LoRA recovery: {s['steps']} steps on {s['train_examples']} {s['data_kind']} examples"
+            + (f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else "")
+            + f"; held-out perplexity {s['ppl_before']:.2f} -> {s['ppl_after']:.2f}; {s['total_s']:.0f}s\n"
+            f"saved to {s['out']}; reloaded with from_pretrained, logits match (max |diff| "
+            f"{s['export_max_abs_diff']:.1e})")
+
+
+def _guard(args, fn) -> int:
+    """Run ``fn``; user errors become one line and exit 2, anything else one line and exit 1."""
+    try:
+        return fn()
+    except AmpPruneError as e:
+        if args.debug:
+            raise
+        print(f"amp-prune: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("amp-prune: interrupted; nothing was written", file=sys.stderr)
+        return 130
+    except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
+        if args.debug:
+            raise
+        print(f"amp-prune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
+              f"(rerun with --debug for the traceback and please report it)", file=sys.stderr)
+        return 1
+
+
+def finetune_main(argv: list[str]) -> int:
+    args = build_finetune_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+    from amp_prune.finetune import finetune
+
+    def run() -> int:
+        print(format_finetune(finetune(_finetune_config(args, args.model, args.out, args.data))))
+        return 0
+    return _guard(args, run)
 
 
 def format_steps(steps: list[dict], top: int = 5) -> str:
@@ -117,9 +201,10 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "finetune":
+        return finetune_main(argv[1:])
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    _quiet_libraries(args.verbose)
+    _setup_logging(args.verbose)
     if args.layers is not None and args.ratio is not None:
         print("amp-prune: error: give --layers or --ratio, not both", file=sys.stderr)
         return 2
@@ -131,27 +216,33 @@ def main(argv: list[str] | None = None) -> int:
                       seq_len=args.seq_len, batch_size=args.batch_size, eval_samples=args.eval_samples,
                       eval_text=args.eval_text, seed=args.seed, device=args.device, dtype=args.dtype,
                       offload=args.offload, overwrite=args.overwrite, progress=not args.no_progress, plan=args.plan)
-    from amp_prune.api import prune
-    try:
+
+    def run() -> int:
+        from amp_prune.api import prune
+        final_out = cfg.out or cfg.default_out()
+        if args.finetune:
+            from amp_prune.export import check_out_dir
+            from amp_prune.finetune import FinetuneConfig as _F
+            check_out_dir(final_out, overwrite=args.overwrite)
+            cfg.out = final_out.rstrip("/") + "-pruned"
+            _F(model="", data=args.finetune, steps=args.finetune_steps).validate()
         result = prune(cfg)
-    except AmpPruneError as e:
-        if args.debug:
-            raise
-        print(f"amp-prune: error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print("amp-prune: interrupted; nothing was written", file=sys.stderr)
-        return 130
-    except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
-        if args.debug:
-            raise
-        print(f"amp-prune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
-              f"(rerun with --debug for the traceback and please report it)", file=sys.stderr)
-        return 1
-    if result.plan.steps:
-        print(format_steps(result.plan.steps))
-    print(format_summary(result.summary, result.timings, result.out))
-    return 0
+        if result.plan.steps:
+            print(format_steps(result.plan.steps))
+        print(format_summary(result.summary, result.timings, result.out))
+        if args.finetune:
+            from amp_prune.finetune import finetune
+            ft = FinetuneConfig(model=result.out, data=args.finetune, out=final_out, steps=args.finetune_steps,
+                                seq_len=args.seq_len, seed=args.seed, device=args.device, dtype=args.dtype,
+                                overwrite=args.overwrite, progress=not args.no_progress)
+            print(format_finetune(finetune(ft)))
+        return 0
+    return _guard(args, run)
+
+
+def _setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    _quiet_libraries(verbose)
 
 
 def _quiet_libraries(verbose: bool) -> None:

@@ -25,7 +25,7 @@ class PruneConfig:
     layers: int | None = None  # blocks to drop with method=cka (else derived from ratio)
     layer_criterion: str = "cka"
     one_shot: bool = False  # cka: score once and drop the top N, instead of rescoring after each removal
-    representation: str = "token"  # CKA over per-token states, or per-sequence mean-pooled ones
+    representation: str = "pooled"  # CKA over per-sequence mean-pooled states (measured best) or per-token ones
     criterion: str = "amp"
     gqa_mode: str = "group"
     calib: str = DEFAULT_SOURCE

@@ -87,7 +87,7 @@ def _width_step(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_params
 
 
 def hybrid_search(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: float, *, device: torch.device,
-                  gqa_mode: str = "group", representation: str = "token", seed: int = 0,
+                  gqa_mode: str = "group", representation: str = "pooled", seed: int = 0,
                   progress: bool = True) -> tuple[nn.Module, PrunePlan]:
     """Prune ``model`` to about ``ratio`` of its parameters; return the pruned model and its plan."""
     d0 = spec.dims(model.config)

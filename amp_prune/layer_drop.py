@@ -81,7 +81,7 @@ class DepthSearch:
     spec: ArchSpec
     batches: list[Batch]
     device: torch.device
-    representation: str = "token"
+    representation: str = "pooled"
     use_cache: bool = True
     kl_tokens: int = 512
     progress: bool = True
@@ -101,8 +101,10 @@ class DepthSearch:
                 out.append(((h * m).sum(1) / m.sum(1).clamp(min=1)).float())
         return out
 
-    def _kl_rows(self, reps: list[torch.Tensor]) -> torch.Tensor:
-        rows = torch.cat(reps)[: self.kl_tokens] if self.representation == "token" else torch.cat(reps)
+    def _kl_rows(self, states: list[BlockInputs]) -> torch.Tensor:
+        """Next-token log-probabilities ``[n, V]`` of the first ``kl_tokens`` real tokens (always per token)."""
+        norm = self.spec.submodule(self.model, self.spec.final_norm)
+        rows = torch.cat([norm.to(s.hidden.device)(s.hidden)[s.mask] for s in states])[: self.kl_tokens]
         head = self.spec.submodule(self.model, self.spec.lm_head)
         return F.log_softmax(head(rows.to(head.weight.dtype)).float(), dim=-1)
 
@@ -116,7 +118,7 @@ class DepthSearch:
 
     def set_reference(self, cache: dict[int, list[BlockInputs]]) -> None:
         self.ref = self.represent(cache[max(cache)])
-        self.ref_kl = self._kl_rows(self.ref)
+        self.ref_kl = self._kl_rows(cache[max(cache)])
 
     def cka_to(self, ref: list[torch.Tensor], reps: list[torch.Tensor]) -> float:
         acc = StreamingCKA()
@@ -124,14 +126,12 @@ class DepthSearch:
             acc.update(a.to(b.device), b)
         return acc.value()
 
-    def candidate_reps(self, cache: dict[int, list[BlockInputs]], i: int) -> list[torch.Tensor]:
-        """Final representation with block ``i`` (current indexing) skipped."""
+    def candidate_states(self, cache: dict[int, list[BlockInputs]], i: int) -> list[BlockInputs]:
+        """States after the last block with block ``i`` (current indexing) skipped."""
         if self.use_cache:
-            states = run_blocks(self.model, self.spec, cache[i], self.device, start=i + 1, progress=False)
-        else:
-            states = run_blocks(self.model, self.spec, capture_inputs(self.model, self.spec, self.batches, self.device),
-                                self.device, skip={i}, progress=False)
-        return self.represent(states)
+            return run_blocks(self.model, self.spec, cache[i], self.device, start=i + 1, progress=False)
+        return run_blocks(self.model, self.spec, capture_inputs(self.model, self.spec, self.batches, self.device),
+                          self.device, skip={i}, progress=False)
 
     def score(self, cache: dict[int, list[BlockInputs]], metrics: tuple[str, ...], *,
               parent: list[torch.Tensor] | None = None, desc: str = "scoring blocks") -> dict[str, list[float]]:
@@ -152,13 +152,14 @@ class DepthSearch:
                     out["bi"].append(block_influence(a, b).mean().item())
             if not need_forward:
                 continue
-            reps = self.candidate_reps(cache, i)
+            states = self.candidate_states(cache, i)
+            reps = self.represent(states)
             if "cka" in metrics:
                 out["cka"].append(self.cka_to(self.ref, reps))
             if parent is not None:
                 out["cka_parent"].append(self.cka_to(parent, reps))
             if "kl" in metrics:
-                logp = self._kl_rows(reps)
+                logp = self._kl_rows(states)
                 out["kl"].append(F.kl_div(logp, self.ref_kl.to(logp.device), log_target=True,
                                           reduction="batchmean").item())
         return out
@@ -180,7 +181,7 @@ def metrics_for(criterion: str) -> tuple[str, ...]:
 
 
 def search_blocks(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_blocks: int, *, device: torch.device,
-                  criterion: str = "cka", iterative: bool = True, representation: str = "token",
+                  criterion: str = "cka", iterative: bool = True, representation: str = "pooled",
                   use_cache: bool = True, progress: bool = True) -> tuple[list[int], list[DepthStep]]:
     """Remove ``n_blocks`` blocks from ``model`` in place; return (original indices removed, steps)."""
     n_layers = len(spec.get_layers(model))

@@ -121,5 +121,5 @@ def test_depth_end_to_end_writes_plot(tiny_dir, tmp_path, capsys):
     assert "step  1: drop [" in text and "decoder blocks" in text
     assert (out / "layer_scores.png").stat().st_size > 1000
     run = json.loads((out / "run.json").read_text())
-    assert run["config"]["representation"] == "token" and run["summary"]["layers_after"] == 2
+    assert run["config"]["representation"] == "pooled" and run["summary"]["layers_after"] == 2
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2

@@ -1,0 +1,134 @@
+"""Depth-pruning benchmarks on SmolLM2 (CPU by default).
+
+    python benchmarks/depth.py speed    # time of one removal step vs number of layers, with/without prefix cache
+    python benchmarks/depth.py quality  # WikiText-2 perplexity of each depth criterion, hybrid and AMP width
+                                        # at the parameter budget of --blocks dropped blocks
+
+The speed mode truncates SmolLM2 to its first L blocks, so the per-block cost is constant.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import print_table, save_json, wikitext_text  # noqa: E402
+
+from amp_prune.calibration import build_batches  # noqa: E402
+from amp_prune.criteria import ScoreContext, amp_scores  # noqa: E402
+from amp_prune.evaluation import perplexity, text_windows  # noqa: E402
+from amp_prune.hybrid import hybrid_search  # noqa: E402
+from amp_prune.layer_drop import DepthSearch, drop_blocks, random_blocks, search_blocks  # noqa: E402
+from amp_prune.modelio import load_model, resolve_device  # noqa: E402
+from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.surgery import apply_plan  # noqa: E402
+
+
+def speed(args, lm, calib, device) -> list[dict]:
+    rows = []
+    n_total = lm.spec.dims(lm.model.config)["n_layers"]
+    for n in args.layer_counts:
+        model = copy.deepcopy(lm.model)
+        if n < n_total:
+            drop_blocks(model, lm.spec, list(range(n, n_total)))
+        row = {"layers": n}
+        for use_cache in (True, False):
+            s = DepthSearch(model, lm.spec, calib, device, use_cache=use_cache, progress=False)
+            t = time.perf_counter()
+            cache = s.prefix_pass()
+            s.set_reference(cache)
+            s.score(cache, ("cka",))
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+            row["with cache s" if use_cache else "without cache s"] = time.perf_counter() - t
+        row["block-forwards with"] = n + n * (n - 1) // 2
+        row["block-forwards without"] = n + n * (n - 1)
+        row["speed-up"] = row["without cache s"] / row["with cache s"]
+        rows.append(row)
+        print(row, flush=True)
+    return rows
+
+
+def quality(args, lm, calib, device) -> list[dict]:
+    wiki = text_windows(lm.tokenizer, wikitext_text(), args.seq_len, max_windows=args.windows)
+    dense = lm.model
+    total = count_params(dense)
+    ratio = args.blocks * count_params(lm.spec.get_layers(dense)[0]) / total
+    rows = [{"method": "dense", "removed": 0.0, "wikitext2 ppl": perplexity(dense, lm.spec, wiki, device)}]
+
+    def record(name, model, t, extra=""):
+        rows.append({"method": name, "removed": 1 - count_params(model) / total, "search s": time.perf_counter() - t,
+                     "wikitext2 ppl": perplexity(model, lm.spec, wiki, device), "blocks / shape": extra})
+        print(rows[-1], flush=True)
+
+    for crit, rep in [("cka", "token"), ("cka", "pooled"), ("angular", "token"), ("bi", "token"), ("kl", "token"),
+                      ("consensus", "token")]:
+        model, t = copy.deepcopy(dense), time.perf_counter()
+        removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion=crit,
+                                   representation=rep, progress=False)
+        record(f"{crit} ({rep})" if crit == "cka" else crit, model, t, str(removed))
+    model, t = copy.deepcopy(dense), time.perf_counter()
+    removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion="cka", iterative=False,
+                               progress=False)
+    record("cka one-shot", model, t, str(removed))
+    t = time.perf_counter()
+    model, plan = hybrid_search(copy.deepcopy(dense), lm.spec, calib, ratio, device=device, progress=False)
+    d = lm.spec.dims(model.config)
+    record("hybrid", model, t, f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
+    model, t = copy.deepcopy(dense), time.perf_counter()
+    scores = amp_scores(model, lm.spec, calib, ScoreContext(device, progress=False))
+    apply_plan(model, make_plan(model, lm.spec, scores, compute_budget(model, lm.spec, ratio, "group"), mode="group",
+                                criterion="amp", ratio=ratio))
+    d = lm.spec.dims(model.config)
+    record("amp width", model, t, f"{d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
+    rand = []
+    for seed in range(args.random_trials):
+        model = copy.deepcopy(dense)
+        drop_blocks(model, lm.spec, random_blocks(len(lm.spec.get_layers(dense)), args.blocks, seed))
+        rand.append(perplexity(model, lm.spec, wiki, device))
+    rows.append({"method": f"random blocks (mean of {args.random_trials})", "removed": rows[1]["removed"],
+                 "wikitext2 ppl": statistics.mean(rand), "blocks / shape": f"min {min(rand):.1f}, max {max(rand):.1f}"})
+    return rows
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("mode", choices=["speed", "quality"])
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--num-samples", type=int, default=16)
+    ap.add_argument("--calib-seq-len", type=int, default=128)
+    ap.add_argument("--layer-counts", type=int, nargs="+", default=[6, 12, 18, 24, 30])
+    ap.add_argument("--blocks", type=int, default=6)
+    ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--seq-len", type=int, default=256)
+    ap.add_argument("--random-trials", type=int, default=5)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    lm = load_model(args.model, device=device)
+    calib, _ = build_batches(lm.tokenizer, num_samples=args.num_samples, seq_len=args.calib_seq_len)
+    tokens = sum(b.num_tokens for b in calib)
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    if args.mode == "speed":
+        rows = speed(args, lm, calib, device)
+        print(f"\n{args.model} truncated to L blocks; one CKA removal step over {tokens} calibration tokens; {where}\n")
+        print_table(rows, ["layers", "block-forwards with", "with cache s", "block-forwards without",
+                           "without cache s", "speed-up"])
+    else:
+        rows = quality(args, lm, calib, device)
+        print(f"\n{args.model}: budget = {args.blocks} blocks; search on {tokens} calibration tokens; WikiText-2 test "
+              f"{args.windows} x {args.seq_len} tokens; {where}\n")
+        print_table(rows, ["method", "removed", "wikitext2 ppl", "search s", "blocks / shape"])
+    save_json(args.json, rows)
+
+
+if __name__ == "__main__":
+    main()
