@@ -1,8 +1,9 @@
 """Depth pruning: remove whole decoder blocks, chosen by representation similarity.
 
 Iterative CKA (default): at each step, for every remaining block ``i``, skip it and compare
-the model's final representation (after the final norm, real tokens only) with the
-*unpruned* model's by linear CKA; remove the block with the highest CKA and repeat.
+the model's final representation (after the final norm, pad tokens excluded; per-sequence
+means by default, or per-token states) with the *unpruned* model's by linear CKA; remove
+the block with the highest CKA and repeat.
 A prefix cache holds the states entering every block, so candidate ``i`` runs only blocks
 ``i+1..L-1``: one step costs ``L + L(L-1)/2`` block-forwards instead of ``L(L-1)``.
 

@@ -68,20 +68,21 @@ def quality(args, lm, calib, device) -> list[dict]:
                      "wikitext2 ppl": perplexity(model, lm.spec, wiki, device), "blocks / shape": extra})
         print(rows[-1], flush=True)
 
-    for crit, rep in [("cka", "token"), ("cka", "pooled"), ("angular", "token"), ("bi", "token"), ("kl", "token"),
-                      ("consensus", "token")]:
+    # representation matters only where CKA is used (cka, consensus, hybrid); angular/bi/kl are per token
+    for crit, rep in [("cka", "token"), ("cka", "pooled"), ("angular", "pooled"), ("bi", "pooled"), ("kl", "pooled"),
+                      ("consensus", "pooled")]:
         model, t = copy.deepcopy(dense), time.perf_counter()
         removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion=crit,
                                    representation=rep, progress=False)
-        record(f"{crit} ({rep})" if crit == "cka" else crit, model, t, str(removed))
+        record(f"{crit} ({rep})" if crit in ("cka", "consensus") else crit, model, t, str(removed))
     model, t = copy.deepcopy(dense), time.perf_counter()
     removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion="cka", iterative=False,
                                progress=False)
-    record("cka one-shot", model, t, str(removed))
+    record("cka (pooled) one-shot", model, t, str(removed))
     t = time.perf_counter()
     model, plan = hybrid_search(copy.deepcopy(dense), lm.spec, calib, ratio, device=device, progress=False)
     d = lm.spec.dims(model.config)
-    record("hybrid", model, t, f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
+    record("hybrid (pooled)", model, t, f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
     model, t = copy.deepcopy(dense), time.perf_counter()
     scores = amp_scores(model, lm.spec, calib, ScoreContext(device, progress=False))
     apply_plan(model, make_plan(model, lm.spec, scores, compute_budget(model, lm.spec, ratio, "group"), mode="group",
