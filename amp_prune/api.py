@@ -128,7 +128,10 @@ def _run_method(config: PruneConfig, model: torch.nn.Module, spec, calib, device
 
 
 def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
-    """Run one width-pruning job as described by ``config``; export unless ``save`` is False."""
+    """Run one pruning job (width, depth or hybrid, or a replayed plan) as described by ``config``.
+
+    Exports to ``config.out`` unless ``save`` is False; returns the pruned model and the summary.
+    """
     config.validate()
     t0 = time.perf_counter()
     timings: dict[str, float] = {}
@@ -171,7 +174,8 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
 
     summary = {
         "name": out.rstrip("/").split("/")[-1], "source": config.model, "method": _describe(config, plan),
-        "target_ratio": config.ratio if config.layers is None else None, "notes": notes,
+        "target_ratio": plan.target_ratio if config.plan else (config.ratio if config.layers is None else None),
+        "notes": notes,
         "layers_before": dims_before["n_layers"], "layers_after": dims_after["n_layers"],
         "removed_layers": plan.removed_layers,
         "params_before": params_before, "params_after": params_after,

@@ -12,7 +12,8 @@ config = PruneConfig(model="smollm2-135m", ratio=0.3, out="demo-out/example-amp3
 result = prune(config)
 s = result.summary
 print(f"removed {s['achieved_ratio']:.1%} of parameters; held-out perplexity {s['ppl_before']:.1f} -> {s['ppl_after']:.1f}")
-print("plan for block 0:", result.plan.layers[0])
+block0 = result.plan.layers[0]
+print(f"block 0: removed query heads {block0.heads}, KV heads {block0.kv_heads}, {len(block0.channels)} MLP channels")
 
 generate = pipeline("text-generation", model=result.out)
 print(generate("The three primary colors are", max_new_tokens=20, do_sample=False)[0]["generated_text"])
