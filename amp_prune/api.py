@@ -140,13 +140,12 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
         check_out_dir(out, overwrite=config.overwrite, input_path=None)
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
-    home = torch.device("cpu") if config.offload else device
 
     t = time.perf_counter()
-    loaded = load_model(config.model, device=torch.device("cpu") if device.type == "cuda" else home, dtype=dtype)
+    # on a GPU, load into CPU memory first and move the model only if it fits (else run block by block)
+    loaded = load_model(config.model, device=torch.device("cpu") if device.type == "cuda" else device, dtype=dtype)
     if device.type == "cuda":
-        home = _placement(loaded.model, device, config.offload)
-        loaded.model.to(home)
+        loaded.model.to(_placement(loaded.model, device, config.offload))
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     model, tok, spec = loaded.model, loaded.tokenizer, loaded.spec

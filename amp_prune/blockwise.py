@@ -34,11 +34,12 @@ class BlockInputs:
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Temporarily move ``module`` to ``device`` and move it back afterwards."""
-    home = next(module.parameters()).device
-    if home == device:
+    """Temporarily move ``module`` (parameters and buffers) to ``device``, then move it back."""
+    tensors = [*module.parameters(), *module.buffers()]
+    if not tensors or tensors[0].device == device:
         yield module
         return
+    home = tensors[0].device
     module.to(device)
     try:
         yield module
@@ -71,8 +72,7 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[Batch], devic
     stack = contextlib.ExitStack()
     with stack:
         for m in _outside_blocks(model, spec):
-            if any(True for _ in m.parameters()) or any(True for _ in m.buffers()):
-                stack.enter_context(_move_all(m, device))
+            stack.enter_context(on_device(m, device))
         handle = layers[0].register_forward_pre_hook(hook, with_kwargs=True)
         stack.callback(handle.remove)
         for b in tqdm(batches, desc=desc, disable=not progress, leave=False):
@@ -82,20 +82,6 @@ def capture_inputs(model: nn.Module, spec: ArchSpec, batches: list[Batch], devic
                 pass
             captured[-1].mask = b.attention_mask.to(device).bool()
     return captured
-
-
-@contextlib.contextmanager
-def _move_all(module: nn.Module, device: torch.device) -> Iterator[None]:
-    tensors = list(module.parameters()) + list(module.buffers())
-    home = tensors[0].device
-    if home == device:
-        yield
-        return
-    module.to(device)
-    try:
-        yield
-    finally:
-        module.to(home)
 
 
 @torch.no_grad()
@@ -139,5 +125,5 @@ def final_logits(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor, device:
     """Apply the final norm and the lm_head to ``hidden`` ``[B, T, H]`` -> logits ``[B, T, V]``."""
     norm = spec.submodule(model, spec.final_norm)
     head = spec.submodule(model, spec.lm_head)
-    with _move_all(norm, device), _move_all(head, device):
+    with on_device(norm, device), on_device(head, device):
         return head(norm(hidden)).float()

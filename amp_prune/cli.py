@@ -222,10 +222,9 @@ def main(argv: list[str] | None = None) -> int:
         final_out = cfg.out or cfg.default_out()
         if args.finetune:
             from amp_prune.export import check_out_dir
-            from amp_prune.finetune import FinetuneConfig as _F
             check_out_dir(final_out, overwrite=args.overwrite)
             cfg.out = final_out.rstrip("/") + "-pruned"
-            _F(model="", data=args.finetune, steps=args.finetune_steps).validate()
+            FinetuneConfig(model="", data=args.finetune, steps=args.finetune_steps).validate()
         result = prune(cfg)
         if result.plan.steps:
             print(format_steps(result.plan.steps))

@@ -44,11 +44,10 @@ def max_logit_diff(model_a: nn.Module, spec_a: ArchSpec, model_b: nn.Module, spe
 def perplexity(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, *,
                progress: bool = False, desc: str = "perplexity") -> float:
     """Token-level perplexity of ``model`` on ``batches``; ``nan`` when there is nothing to score."""
-    states = run_blocks(model, spec, capture_inputs(model, spec, batches, device), device, progress=progress, desc=desc)
     nll, count = 0.0, 0
-    for s, b in zip(states, batches):
-        for r in range(s.hidden.shape[0]):  # one row at a time bounds the [T, V] logits
-            logits = final_logits(model, spec, s.hidden[r:r + 1], device)[0, :-1]
+    for hidden, b in zip(final_hidden(model, spec, batches, device, progress=progress, desc=desc), batches):
+        for r in range(hidden.shape[0]):  # one row at a time bounds the [T, V] logits
+            logits = final_logits(model, spec, hidden[r:r + 1], device)[0, :-1]
             target = b.input_ids[r, 1:].to(logits.device)
             keep = (b.attention_mask[r, 1:] & b.attention_mask[r, :-1]).bool().to(logits.device)
             if keep.any():
