@@ -121,3 +121,40 @@ def test_amp_ranks_a_dead_head_and_channel_lowest():
     s = amp_scores(model, get_spec("mistral"), random_batches(), CTX)[1]
     assert s.heads[1] == 0 and s.heads.argmin() == 1
     assert s.channels[5] == 0 and s.channels.argmin() == 5
+
+
+@torch.no_grad()
+def test_wanda_sp_equals_direct_computation():
+    """|W| * ||X||, summed per head (o_proj columns) and channel (down_proj column), from a plain forward."""
+    from amp_prune.criteria import wanda_sp_scores
+
+    model = tiny_model("llama_gqa")
+    spec = get_spec("llama")
+    cfg = model.config
+    seqs = sequences()
+    feats = {}
+
+    def hook(name):
+        def fn(_m, args):
+            x = args[0][0].double()
+            feats[name] = feats.get(name, 0) + x.pow(2).sum(0)
+        return fn
+
+    handles = []
+    for i, layer in enumerate(model.model.layers):
+        handles.append(layer.self_attn.o_proj.register_forward_pre_hook(hook(("o", i))))
+        handles.append(layer.mlp.down_proj.register_forward_pre_hook(hook(("d", i))))
+    for seq in seqs:  # one unpadded sequence at a time
+        model(input_ids=torch.tensor([seq]))
+    for h in handles:
+        h.remove()
+    got = wanda_sp_scores(model, spec, to_batches(seqs, 3, pad_id=3), CTX)
+    for i, layer in enumerate(model.model.layers):
+        wo = layer.self_attn.o_proj.weight.double().abs()
+        wd = layer.mlp.down_proj.weight.double().abs()
+        heads = torch.stack([(wo[:, h * cfg.head_dim:(h + 1) * cfg.head_dim]
+                              * feats[("o", i)][h * cfg.head_dim:(h + 1) * cfg.head_dim].sqrt()).sum()
+                             for h in range(cfg.num_attention_heads)])
+        chans = torch.stack([(wd[:, j] * feats[("d", i)][j].sqrt()).sum() for j in range(cfg.intermediate_size)])
+        torch.testing.assert_close(got[i].heads.double(), heads, rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(got[i].channels.double(), chans, rtol=1e-4, atol=1e-6)

@@ -12,9 +12,11 @@ from amp_prune.criteria.amp import amp_scores
 from amp_prune.criteria.base import LayerScores, ScoreContext
 from amp_prune.criteria.magnitude import magnitude_scores
 from amp_prune.criteria.random import random_scores
+from amp_prune.criteria.wanda_sp import wanda_sp_scores
 from amp_prune.errors import AmpPruneError
 
-CRITERIA: dict[str, Callable] = {"amp": amp_scores, "magnitude": magnitude_scores, "random": random_scores}
+CRITERIA: dict[str, Callable] = {"amp": amp_scores, "magnitude": magnitude_scores, "random": random_scores,
+                                 "wanda_sp": wanda_sp_scores}
 
 
 def get_criterion(name: str) -> Callable:
@@ -25,4 +27,4 @@ def get_criterion(name: str) -> Callable:
 
 
 __all__ = ["CRITERIA", "LayerScores", "ScoreContext", "get_criterion", "amp_scores", "magnitude_scores",
-           "random_scores"]
+           "random_scores", "wanda_sp_scores"]

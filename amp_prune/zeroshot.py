@@ -1,0 +1,311 @@
+"""Zero-shot accuracy through lm-eval and WikiText-2 perplexity, on a model already in memory.
+
+``evaluate_model`` wraps the loaded model in lm-eval's ``HFLM`` (so a pruned model is evaluated
+without being saved first), runs the tasks zero-shot, and returns a flat, JSON-ready dict::
+
+    {"tasks": {"piqa": {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": .., "n": ..}, ..},
+     "avg5": .., "avg5_acc": .., "wikitext2": {"ppl": .., "protocol": ..}, "settings": {..}}
+
+``avg5`` is the mean over PIQA, HellaSwag, WinoGrande, ARC-e and ARC-c of ``acc_norm`` where the
+task has it (all but WinoGrande) and ``acc`` otherwise, the convention of LLM-Pruner and FLAP;
+``avg5_acc`` uses plain ``acc`` everywhere. Both need all five tasks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from amp_prune.errors import AmpPruneError
+from amp_prune.local_tasks import FIVE, SEVEN, TASKS, build_local_task, check_files
+
+log = logging.getLogger(__name__)
+
+PPL_DATASETS = ("wikitext2",)
+WIKITEXT_ROWS = "wikitext2/wikitext-2-raw-v1.test.rows.json"
+DEFAULT_PPL_SEQ_LEN = 2048
+
+
+def parse_tasks(spec: str | list[str] | None) -> list[str]:
+    """``"piqa, arc_easy"`` -> ``["piqa", "arc_easy"]``; ``five``/``seven`` expand; duplicates dropped."""
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (x.strip() for x in items):
+        for name in {"five": FIVE, "seven": SEVEN}.get(item, (item,) if item else ()):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def split_eval_spec(spec: str) -> tuple[list[str], str | None]:
+    """``"five,wikitext2"`` -> (the five lm-eval tasks, "wikitext2"): perplexity names ride along with tasks."""
+    names = parse_tasks(spec)
+    ppl = next((n for n in names if n in PPL_DATASETS), None)
+    tasks = [n for n in names if n not in PPL_DATASETS]
+    if not tasks and ppl is None:
+        raise AmpPruneError(f"--eval got no task names ('{spec}'); e.g. --eval five,wikitext2")
+    return tasks, ppl
+
+
+def data_dir_default() -> str | None:
+    """``$AMP_PRUNE_DATA_DIR`` when set: where ``--data-dir`` points unless given."""
+    return os.environ.get("AMP_PRUNE_DATA_DIR") or None
+
+
+def check_data(tasks: list[str], ppl: str | None, data_dir: str | None) -> None:
+    """Fail early (before any model is loaded) on unknown tasks or missing local files."""
+    if ppl is not None and ppl not in PPL_DATASETS:
+        raise AmpPruneError(f"unknown perplexity dataset '{ppl}': available is {', '.join(PPL_DATASETS)}")
+    if data_dir is None:
+        return
+    for name in tasks:
+        check_files(name, data_dir)
+    if ppl is not None and not (Path(data_dir) / WIKITEXT_ROWS).is_file():
+        raise AmpPruneError(f"missing data file for wikitext2: expected {Path(data_dir) / WIKITEXT_ROWS} "
+                            "(see shared/data/SOURCES.md)")
+
+
+def _quiet_lm_eval(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def _build_tasks(names: list[str], data_dir: str | None) -> list:
+    """Task objects (local, from ``data_dir``) or names for lm-eval's own loader (stock, downloads)."""
+    if data_dir is not None:
+        return [build_local_task(n, data_dir) for n in names]
+    from lm_eval.tasks import TaskManager
+
+    manager = TaskManager()
+    unknown = [n for n in names if n not in manager.all_tasks]
+    if unknown:
+        import difflib
+        close = sorted({m for n in unknown for m in difflib.get_close_matches(n, manager.all_tasks, n=3)})
+        raise AmpPruneError(f"unknown lm-eval task(s) {', '.join(unknown)}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + f"; `lm-eval ls tasks` lists all {len(manager.all_tasks)}; offline, --data-dir "
+                              f"supports {', '.join(TASKS)}")
+    tasks = []
+    for n in names:
+        try:
+            tasks.extend(manager.load([n])["tasks"].values())
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a failed download
+            raise AmpPruneError(f"could not load the data of lm-eval task '{n}' ({type(e).__name__}); offline, pass "
+                                f"--data-dir DIR with local copies (the layout of shared/data)") from None
+    return tasks
+
+
+def _lm(model, tokenizer, batch_size: int, progress: bool):
+    """lm-eval's ``HFLM`` around the model in memory; its progress bar follows ``progress``."""
+    from lm_eval.models.huggingface import HFLM
+
+    class _HFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def parse_results(raw: dict) -> dict[str, dict]:
+    """lm-eval's ``results`` ("acc,none" keys) -> ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``."""
+    out = {}
+    for task, metrics in raw["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if filt == "none" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[name] = float(value)
+        n = raw.get("n-samples", {}).get(task, {})
+        row["n"] = int(n.get("effective", 0))
+        out[task] = row
+    return out
+
+
+def average5(tasks: dict[str, dict], metric: str = "primary") -> float | None:
+    """Mean over the five tasks; ``primary`` = acc_norm where present, else acc. None unless all five ran."""
+    if not all(t in tasks for t in FIVE):
+        return None
+    def pick(row):
+        return row.get("acc_norm", row["acc"]) if metric == "primary" else row[metric]
+    return sum(pick(tasks[t]) for t in FIVE) / len(FIVE)
+
+
+def wikitext2_text(data_dir: str | None) -> str:
+    """The WikiText-2 raw test rows joined with ``"\\n\\n"`` (local copy, or the HF dataset)."""
+    if data_dir is not None:
+        path = Path(data_dir) / WIKITEXT_ROWS
+        if not path.is_file():
+            raise AmpPruneError(f"missing data file for wikitext2: expected {path} (see shared/data/SOURCES.md)")
+        rows = json.loads(path.read_text(encoding="utf-8"))
+    else:
+        import datasets
+        try:
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="test")["text"]
+        except Exception as e:  # noqa: BLE001
+            raise AmpPruneError(f"could not load wikitext-2-raw-v1 ({type(e).__name__}); offline, pass --data-dir DIR "
+                                f"with {WIKITEXT_ROWS}") from None
+    return "\n\n".join(rows)
+
+
+def model_max_length(model) -> int | None:
+    return getattr(model.config, "max_position_embeddings", None)
+
+
+def wikitext2_perplexity(model, tokenizer, spec, device: torch.device, *, data_dir: str | None,
+                         seq_len: int | None = None, batch_size: int = 4, max_windows: int | None = None,
+                         progress: bool = True) -> dict:
+    """Token-level perplexity over non-overlapping ``seq_len`` windows of the joined test set."""
+    from amp_prune.evaluation import perplexity, text_windows
+
+    limit = model_max_length(model)
+    if seq_len is None:
+        seq_len = min(DEFAULT_PPL_SEQ_LEN, limit or DEFAULT_PPL_SEQ_LEN)
+    elif limit is not None and seq_len > limit:
+        raise AmpPruneError(f"--seq-len {seq_len} is longer than the model's maximum {limit}; use --seq-len {limit}")
+    if seq_len < 2:
+        raise AmpPruneError(f"--seq-len must be at least 2 (got {seq_len})")
+    windows = text_windows(tokenizer, wikitext2_text(data_dir), seq_len, max_windows=max_windows,
+                           batch_size=batch_size)
+    n = sum(b.input_ids.shape[0] for b in windows)
+    if n == 0:
+        raise AmpPruneError(f"WikiText-2 is shorter than one window of {seq_len} tokens")
+    ppl = perplexity(model, spec, windows, device, progress=progress, desc="wikitext2 perplexity")
+    return {"ppl": ppl, "seq_len": seq_len, "windows": n,
+            "protocol": f"WikiText-2 raw test rows joined with '\\n\\n', {n} non-overlapping windows of {seq_len} "
+                        f"tokens, no BOS, loss on all but the first token of each window (GPTQ/Wanda/SliceGPT/"
+                        f"LLM-Pruner protocol)" + (f"; first {max_windows} windows only" if max_windows else "")}
+
+
+def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: torch.device | None = None,
+                   data_dir: str | None = None, limit: int | None = None, batch_size: int = 8,
+                   ppl: str | None = None, ppl_seq_len: int | None = None, ppl_max_windows: int | None = None,
+                   seed: int = 0, progress: bool = True, verbose: bool = False) -> dict:
+    """Zero-shot ``tasks`` through lm-eval and, if ``ppl`` is given, WikiText-2 perplexity."""
+    if limit is not None and limit < 1:
+        raise AmpPruneError(f"--limit must be a positive number of examples per task (got {limit})")
+    if ppl_max_windows is not None and ppl_max_windows < 1:
+        raise AmpPruneError(f"--ppl-windows must be a positive number of windows (got {ppl_max_windows})")
+    if batch_size < 1:
+        raise AmpPruneError(f"--batch-size must be >= 1 (got {batch_size})")
+    if ppl is not None and ppl not in PPL_DATASETS:
+        raise AmpPruneError(f"unknown --ppl dataset '{ppl}': available is {', '.join(PPL_DATASETS)}")
+    if not tasks and ppl is None:
+        raise AmpPruneError("nothing to evaluate: give --tasks and/or --ppl wikitext2")
+    device = device or next(model.parameters()).device
+    out: dict = {"tasks": {}, "avg5": None, "avg5_acc": None,
+                 "settings": {"tasks": tasks, "limit": limit, "num_fewshot": 0, "batch_size": batch_size,
+                              "data": f"local copies in {data_dir}" if data_dir else "lm-eval stock datasets (hub)",
+                              "seed": seed, "lm_eval": _lm_eval_version()}}
+    if tasks:
+        _quiet_lm_eval(verbose)
+        built = _build_tasks(tasks, data_dir)  # all data errors surface before the model runs
+        import lm_eval.evaluator
+
+        was_training = model.training
+        model.eval()
+        try:
+            lm = _lm(model, tokenizer, batch_size, progress)
+            # lm-eval runs `git describe` in the working directory for its log; outside a repo that prints
+            # "fatal: not a git repository" to the terminal, so it is skipped (the hash is not used here)
+            with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None, create=True):
+                raw = lm_eval.evaluator.simple_evaluate(
+                    model=lm, tasks=built, num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=1000,
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        finally:
+            model.train(was_training)
+        out["tasks"] = parse_results(raw)
+        out["avg5"] = average5(out["tasks"])
+        out["avg5_acc"] = average5(out["tasks"], "acc")
+    if ppl is not None:
+        if spec is None:
+            from amp_prune.arch import get_spec
+            spec = get_spec(model.config.model_type)
+        out["wikitext2"] = wikitext2_perplexity(model, tokenizer, spec, device, data_dir=data_dir, seq_len=ppl_seq_len,
+                                                max_windows=ppl_max_windows, progress=progress)
+    return out
+
+
+def _lm_eval_version() -> str:
+    from importlib import metadata
+    try:
+        return metadata.version("lm_eval")
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _fmt(x: float | None, scale: float = 100.0) -> str:
+    return "-" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x * scale:.2f}"
+
+
+def format_results(res: dict) -> str:
+    """Per-task acc and acc_norm (percent), the 5-task average and the perplexity, as a text table."""
+    lines = []
+    if res["tasks"]:
+        w = max(len("5-task average"), *(len(t) for t in res["tasks"]))
+        lines.append(f"{'task':<{w}}  {'n':>6}  {'acc':>7}  {'acc_norm':>8}")
+        for name, row in res["tasks"].items():
+            lines.append(f"{name:<{w}}  {row['n']:>6}  {_fmt(row.get('acc')):>7}  {_fmt(row.get('acc_norm')):>8}")
+        if res.get("avg5") is not None:
+            lines.append(f"{'5-task average':<{w}}  {'':>6}  {_fmt(res['avg5_acc']):>7}  {_fmt(res['avg5']):>8}"
+                         "   (acc_norm column: acc_norm where defined, WinoGrande acc)")
+        else:
+            lines.append("5-task average: needs piqa, hellaswag, winogrande, arc_easy and arc_challenge")
+    if "wikitext2" in res:
+        p = res["wikitext2"]
+        lines.append(f"WikiText-2 perplexity {p['ppl']:.2f} ({p['windows']} x {p['seq_len']} tokens)")
+    if res["settings"].get("limit"):
+        lines.append(f"limit: first {res['settings']['limit']} examples per task (not the full sets)")
+    return "\n".join(lines)
+
+
+def side_by_side_rows(dense: dict, pruned: dict) -> list[tuple[str, str, str, str]]:
+    """(measure, dense, pruned, delta) rows; accuracy in percent, deltas in points."""
+    rows = []
+    for name in dense["tasks"]:
+        d, p = dense["tasks"][name], pruned["tasks"].get(name, {})
+        key = "acc_norm" if "acc_norm" in d else "acc"
+        a, b = d.get(key), p.get(key)
+        rows.append((f"{name} {key}", _fmt(a), _fmt(b), "-" if a is None or b is None else f"{(b - a) * 100:+.2f}"))
+    if dense.get("avg5") is not None and pruned.get("avg5") is not None:
+        rows.append(("5-task average", _fmt(dense["avg5"]), _fmt(pruned["avg5"]),
+                     f"{(pruned['avg5'] - dense['avg5']) * 100:+.2f}"))
+    if "wikitext2" in dense and "wikitext2" in pruned:
+        a, b = dense["wikitext2"]["ppl"], pruned["wikitext2"]["ppl"]
+        rows.append(("wikitext2 perplexity", f"{a:.2f}", f"{b:.2f}", f"{b - a:+.2f}"))
+    return rows
+
+
+def format_side_by_side(dense: dict, pruned: dict) -> str:
+    """Dense and pruned results next to each other, with deltas (accuracy in points)."""
+    rows = side_by_side_rows(dense, pruned)
+    w = max([len(r[0]) for r in rows] + [4])
+    lines = [f"{'':<{w}}  {'dense':>8}  {'pruned':>8}  {'delta':>8}"]
+    lines += [f"{a:<{w}}  {b:>8}  {c:>8}  {d:>8}" for a, b, c, d in rows]
+    return "\n".join(lines)
+
+
+def markdown_side_by_side(dense: dict, pruned: dict) -> str:
+    """The side-by-side comparison as a Markdown table, with its settings underneath."""
+    lines = ["| | dense | pruned | delta |", "|---|---|---|---|"]
+    lines += [f"| {a} | {b} | {c} | {d} |" for a, b, c, d in side_by_side_rows(dense, pruned)]
+    st = dense["settings"]
+    lines += ["", f"Zero-shot lm-eval {st['lm_eval']}, accuracy in percent ({st['data']}"
+              + (f", first {st['limit']} examples per task" if st.get("limit") else "") + ")."
+              + (f" Perplexity: {dense['wikitext2']['protocol']}." if "wikitext2" in dense else "")]
+    return "\n".join(lines)
+
+
+def write_json_atomic(path: str | Path, payload: dict) -> Path:
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    tmp.write_text(json.dumps(payload, indent=1, default=str))
+    os.replace(tmp, path)
+    return path

@@ -1,0 +1,173 @@
+"""Zero-shot accuracy and WikiText-2 perplexity of SmolLM2 pruned by every method, at several ratios.
+
+    python benchmarks/quality.py                       # ~1 h on 2 CPU cores with the defaults
+    python benchmarks/quality.py --limit 60 --ppl-windows 4 --ratios 0.1 0.2 0.3
+
+Methods: the width criteria (amp, magnitude, random, and the Wanda-sp-style |W|*||X|| baseline),
+the depth methods (cka and consensus block dropping, one iterative search whose removal order
+gives every ratio) and hybrid (one search per ratio). Every pruned model and the dense one are
+evaluated with the same settings: lm-eval zero-shot on the five tasks of the usual average
+(first --limit examples of each, local copies in shared/data) and WikiText-2 perplexity on the
+first --ppl-windows windows of 2048 tokens.
+
+Writes the table into docs/results.md (between the quality markers), the plot to
+docs/quality.png and every row to --json (rows already there are reused, so an interrupted
+run resumes).
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import SHARED_DATA, print_table  # noqa: E402
+
+from amp_prune.calibration import build_batches  # noqa: E402
+from amp_prune.criteria import ScoreContext, get_criterion  # noqa: E402
+from amp_prune.hybrid import hybrid_search  # noqa: E402
+from amp_prune.layer_drop import drop_blocks, search_blocks  # noqa: E402
+from amp_prune.local_tasks import FIVE  # noqa: E402
+from amp_prune.modelio import load_model, resolve_device  # noqa: E402
+from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.surgery import apply_plan  # noqa: E402
+from amp_prune.zeroshot import evaluate_model  # noqa: E402
+
+DOCS = Path(__file__).resolve().parents[1] / "docs"
+WIDTH = ("amp", "wanda_sp", "magnitude", "random")
+DEPTH = ("cka", "consensus")
+START, END = "<!-- quality:start -->", "<!-- quality:end -->"
+
+
+def evaluate(model, lm, args, device) -> dict:
+    res = evaluate_model(model, lm.tokenizer, tasks=list(FIVE), spec=lm.spec, device=device, data_dir=str(args.data_dir),
+                         limit=args.limit, batch_size=args.batch_size, ppl="wikitext2", ppl_max_windows=args.ppl_windows,
+                         progress=False)
+    row = {"avg5": res["avg5"], "avg5_acc": res["avg5_acc"], "ppl": res["wikitext2"]["ppl"]}
+    row.update({t: res["tasks"][t].get("acc_norm", res["tasks"][t]["acc"]) for t in FIVE})
+    return row
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="smollm2-135m")
+    ap.add_argument("--ratios", type=float, nargs="+", default=[0.1, 0.2, 0.3])
+    ap.add_argument("--methods", nargs="+", default=[*WIDTH, *DEPTH, "hybrid"])
+    ap.add_argument("--limit", type=int, default=60, help="examples per task (default %(default)s)")
+    ap.add_argument("--ppl-windows", type=int, default=4, help="WikiText-2 windows of 2048 tokens (default %(default)s)")
+    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--width-samples", type=int, default=32)
+    ap.add_argument("--width-seq-len", type=int, default=256)
+    ap.add_argument("--depth-samples", type=int, default=16)
+    ap.add_argument("--depth-seq-len", type=int, default=128)
+    ap.add_argument("--data-dir", type=Path, default=SHARED_DATA)
+    ap.add_argument("--device", default="auto")
+    ap.add_argument("--json", default="benchmarks/quality.json")
+    ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md and docs/quality.png")
+    args = ap.parse_args()
+    device = resolve_device(args.device)
+    lm = load_model(args.model, device=device)
+    dense = lm.model
+    total = count_params(dense)
+    per_block = count_params(lm.spec.get_layers(dense)[0])
+    rows = json.loads(Path(args.json).read_text()) if Path(args.json).is_file() else []
+    done = {(r["method"], r["target"]) for r in rows}
+
+    def record(method, target, model, search_s):
+        t = time.perf_counter()
+        row = {"method": method, "target": target, "removed": 1 - count_params(model) / total, "search s": search_s,
+               **evaluate(model, lm, args, device)}
+        row["eval s"] = time.perf_counter() - t
+        rows.append(row)
+        done.add((method, target))
+        Path(args.json).write_text(json.dumps(rows, indent=1))
+        print(json.dumps(row), flush=True)
+
+    if ("dense", 0.0) not in done:
+        record("dense", 0.0, dense, 0.0)
+    width_calib, _ = build_batches(lm.tokenizer, num_samples=args.width_samples, seq_len=args.width_seq_len)
+    depth_calib, _ = build_batches(lm.tokenizer, num_samples=args.depth_samples, seq_len=args.depth_seq_len)
+    for method in args.methods:
+        todo = [r for r in args.ratios if (method, r) not in done]
+        if not todo:
+            continue
+        if method in WIDTH:
+            t = time.perf_counter()
+            scores = get_criterion(method)(dense, lm.spec, width_calib, ScoreContext(device, progress=False))
+            score_s = time.perf_counter() - t
+            for ratio in todo:
+                model = copy.deepcopy(dense)
+                plan = make_plan(model, lm.spec, scores, compute_budget(model, lm.spec, ratio, "group"), mode="group",
+                                 criterion=method, ratio=ratio)
+                apply_plan(model, plan, lm.spec)
+                record(method, ratio, model, score_s)
+        elif method in DEPTH:
+            blocks = {r: max(1, round(r * total / per_block)) for r in todo}
+            t = time.perf_counter()
+            _, steps = search_blocks(copy.deepcopy(dense), lm.spec, depth_calib, max(blocks.values()), device=device,
+                                     criterion=method, progress=False)
+            search_s = time.perf_counter() - t
+            order = [b for s in steps for b in s.removed]  # iterative greedy: a prefix is the search for fewer blocks
+            for ratio in todo:
+                model = copy.deepcopy(dense)
+                drop_blocks(model, lm.spec, sorted(order[:blocks[ratio]]))
+                record(method, ratio, model, search_s * blocks[ratio] / max(blocks.values()))
+        elif method == "hybrid":
+            for ratio in todo:
+                t = time.perf_counter()
+                model, _ = hybrid_search(copy.deepcopy(dense), lm.spec, depth_calib, ratio, device=device,
+                                         progress=False)
+                record("hybrid", ratio, model, time.perf_counter() - t)
+        else:
+            raise SystemExit(f"unknown method {method}")
+
+    where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
+    header = (f"{args.model}; lm-eval zero-shot, first {args.limit} examples of each task (local copies); "
+              f"avg5 = mean of acc_norm (PIQA, HellaSwag, ARC-e, ARC-c) and acc (WinoGrande), in percent; "
+              f"WikiText-2 perplexity on the first {args.ppl_windows} windows of 2048 tokens; width calibration "
+              f"{args.width_samples} x {args.width_seq_len} tokens, depth/hybrid search {args.depth_samples} x "
+              f"{args.depth_seq_len}; {where}")
+    print("\n" + header + "\n")
+    order = {m: i for i, m in enumerate(["dense", *args.methods])}
+    rows.sort(key=lambda r: (order.get(r["method"], 99), r["target"]))
+    shown = [{**r, "avg5": 100 * r["avg5"], **{t: 100 * r[t] for t in FIVE}} for r in rows]
+    table = print_table(shown, ["method", "target", "removed", "avg5", *FIVE, "ppl", "search s", "eval s"])
+    if not args.no_docs:
+        write_docs(table, header, rows)
+
+
+def write_docs(table: str, header: str, rows: list[dict]) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(11, 4.2))
+    dense = next(r for r in rows if r["method"] == "dense")
+    for method in dict.fromkeys(r["method"] for r in rows if r["method"] != "dense"):
+        pts = sorted([(0.0, dense)] + [(r["removed"], r) for r in rows if r["method"] == method], key=lambda p: p[0])
+        ax1.plot([100 * x for x, _ in pts], [100 * r["avg5"] for _, r in pts], marker="o", label=method)
+        ax2.plot([100 * x for x, _ in pts], [r["ppl"] for _, r in pts], marker="o", label=method)
+    ax1.axhline(100 * (0.5 * 2 + 0.25 * 3) / 5, color="grey", ls=":", label="chance")
+    ax1.set(xlabel="parameters removed (%)", ylabel="5-task average accuracy (%)", title="zero-shot accuracy")
+    ax2.set(xlabel="parameters removed (%)", ylabel="WikiText-2 perplexity (log)", title="perplexity", yscale="log")
+    ax1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(DOCS / "quality.png", dpi=110)
+    path = DOCS / "results.md"
+    text = path.read_text()
+    block = f"{START}\n{header}\n\n{table}\n\n![accuracy and perplexity against ratio](quality.png)\n{END}"
+    if START in text and END in text:
+        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
+    else:
+        text = text.rstrip() + "\n\n## Zero-shot accuracy and perplexity against ratio\n\n" + block + "\n"
+    path.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
