@@ -27,6 +27,7 @@ from amp_prune.plots import plot_steps
 from amp_prune.layer_drop import search_blocks
 from amp_prune.plan import LayerPlan, PrunePlan, compute_budget, count_params, effective_mode, make_plan
 from amp_prune.surgery import apply_plan
+from amp_prune.zeroshot import evaluate_model, split_eval_spec
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ class PruneResult:
 def versions() -> dict[str, str]:
     """Versions of Python and the packages that shape the result."""
     out = {"python": sys.version.split()[0], "platform": platform.platform()}
-    for pkg in ("amp-prune", "torch", "transformers", "accelerate", "safetensors", "datasets", "gguf"):
+    for pkg in ("amp-prune", "torch", "transformers", "accelerate", "safetensors", "datasets", "gguf", "lm_eval"):
         try:
             out[pkg] = metadata.version(pkg)
         except metadata.PackageNotFoundError:
@@ -165,11 +166,35 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     params_before = count_params(model)
     ppl_before = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (dense)") if held else None
 
+    eval_kwargs = _eval_kwargs(config)
+    dense_eval = None
+    if eval_kwargs is not None:
+        t = time.perf_counter()
+        dense_eval = evaluate_model(model, tok, spec=spec, device=device, **eval_kwargs)
+        timings["eval_dense_s"] = time.perf_counter() - t
+
+    bias_data = _bias_data(config)
+    dense_bias = None
+    if bias_data is not None:
+        t = time.perf_counter()
+        dense_bias = _bias_report(model, tok, bias_data, config)
+        timings["bias_dense_s"] = time.perf_counter() - t
+
     notes: list[str] = []
     model, plan = _run_method(config, model, spec, calib, device, timings, notes)
     dims_after = spec.dims(model.config)
     params_after = count_params(model)
     ppl_after = perplexity(model, spec, held, device, progress=config.progress, desc="perplexity (pruned)") if held else None
+
+    if eval_kwargs is not None:
+        t = time.perf_counter()
+        pruned_eval = evaluate_model(model, tok, spec=spec, device=device, **eval_kwargs)
+        timings["eval_pruned_s"] = time.perf_counter() - t
+
+    if bias_data is not None:
+        t = time.perf_counter()
+        pruned_bias = _bias_report(model, tok, bias_data, config)
+        timings["bias_pruned_s"] = time.perf_counter() - t
 
     summary = {
         "name": out.rstrip("/").split("/")[-1], "source": config.model, "method": _describe(config, plan),
@@ -187,13 +212,20 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
         "ppl_protocol": (f"{sum(b.input_ids.shape[0] for b in held)} held-out chunks of <= {config.seq_len} tokens "
                          f"from {config.eval_text or config.calib + ' (not used for calibration)'}") if held else None,
     }
+    files = {"pruning_plan.json": plan.to_dict()}
+    if dense_eval is not None:
+        summary["eval"] = {"dense": dense_eval, "pruned": pruned_eval}
+        files["eval.json"] = summary["eval"]
+    if dense_bias is not None:
+        summary["bias_check"] = {"dense": dense_bias, "pruned": pruned_bias}
+        files["bias_check.json"] = summary["bias_check"]
     result = PruneResult(model=model, tokenizer=tok, plan=plan, summary=summary, out=None, timings=timings)
     if save:
         t = time.perf_counter()
         run_info = {"config": config.to_dict(), "seed": config.seed, "versions": versions(), "device": str(device),
                     "dtype": str(dtype), "summary": summary, "timings": timings}
         check = export(model, tok, out, check_batches=(held or calib)[:1], device=device, spec=spec,
-                       files={"pruning_plan.json": plan.to_dict(), "run.json": run_info}, summary_for_card=summary,
+                       files={**files, "run.json": run_info}, summary_for_card=summary,
                        writers=[lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else None,
                        overwrite=config.overwrite, input_path=loaded.path)
         timings["export_s"] = time.perf_counter() - t
@@ -205,6 +237,30 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
     if result.out:
         _rewrite_json(Path(result.out) / "run.json", timings=timings, summary=summary)
     return result
+
+
+def _eval_kwargs(config: PruneConfig) -> dict | None:
+    """Arguments of :func:`evaluate_model` shared by the dense and the pruned run (None: no --eval)."""
+    if config.eval_tasks is None:
+        return None
+    tasks, ppl = split_eval_spec(config.eval_tasks)
+    return {"tasks": tasks, "ppl": ppl, "data_dir": config.data_dir, "limit": config.eval_limit,
+            "ppl_max_windows": config.ppl_windows, "batch_size": config.batch_size, "seed": config.seed, "progress": config.progress}
+
+
+def _bias_data(config: PruneConfig):
+    """The --bias-check items (loaded once, so dense and pruned see the same sample), or None."""
+    if config.bias_check is None:
+        return None
+    from bias_probe import load
+    dataset, _, attribute = config.bias_check.partition(":")
+    return load(dataset, attribute or None, data_dir=config.data_dir, limit=config.bias_limit, seed=config.seed)
+
+
+def _bias_report(model, tokenizer, data, config: PruneConfig) -> dict:
+    from bias_probe import run_probe
+    report, _ = run_probe(model, tokenizer, data, batch_size=config.batch_size, progress=config.progress)
+    return report
 
 
 def _rewrite_json(path: Path, **updates) -> None:

@@ -13,6 +13,8 @@ from amp_prune.layer_drop import LAYER_CRITERIA, REPRESENTATIONS
 from amp_prune.criteria import CRITERIA
 from amp_prune.errors import AmpPruneError
 from amp_prune.finetune import FinetuneConfig
+from amp_prune.local_tasks import FIVE, TASKS
+from amp_prune.zeroshot import PPL_DATASETS, data_dir_default
 from amp_prune.plan import GQA_MODES
 
 _D = PruneConfig(model="")
@@ -64,6 +66,20 @@ def build_parser() -> argparse.ArgumentParser:
     r.add_argument("--no-progress", action="store_true", help="hide progress bars")
     r.add_argument("-v", "--verbose", action="store_true", help="log details")
     r.add_argument("--debug", action="store_true", help="show tracebacks")
+    e = p.add_argument_group("evaluation (dense and pruned, side by side)")
+    e.add_argument("--eval", metavar="TASKS", help="lm-eval tasks and/or wikitext2, comma-separated ('five' = the "
+                                                   "usual five); results go to the summary, eval.json and the card")
+    e.add_argument("--eval-limit", type=int, help="first N examples per task (default: all)")
+    e.add_argument("--ppl-windows", type=int, help="first N WikiText-2 windows of 2048 tokens (default: all; the "
+                                                   "whole test set takes ~12 min per model for 135M params on 2 CPU cores)")
+    e.add_argument("--data-dir", default=data_dir_default(),
+                   help="local task data for --eval (offline; layout of shared/data; default $AMP_PRUNE_DATA_DIR)")
+    b = p.add_argument_group("fairness (bias_probe on dense and pruned)")
+    b.add_argument("--bias-check", metavar="DATASET[:ATTRIBUTE]",
+                   help="compas, adult, crime, bbq or FILE.jsonl (e.g. compas:race); needs --data-dir for the "
+                        "built-in datasets; the comparison goes to the summary, bias_check.json and the card")
+    b.add_argument("--bias-limit", type=int, default=_D.bias_limit,
+                   help="items sampled for --bias-check (default %(default)s)")
     p.add_argument("--finetune", metavar="DATA",
                    help="after pruning, recover with LoRA on DATA (see `amp-prune finetune -h`); the pruned model "
                         "before recovery is kept in OUT-pruned")
@@ -139,6 +155,69 @@ def _guard(args, fn) -> int:
         return 1
 
 
+def build_eval_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="amp-prune eval",
+        description="Zero-shot lm-eval accuracy and WikiText-2 perplexity of a (pruned) model.",
+        epilog="Without --tasks and --ppl, the five tasks of the usual average are run. Offline, --data-dir DIR reads "
+               "local copies (layout of shared/data; default $AMP_PRUNE_DATA_DIR) of: " + ", ".join(TASKS) + ".")
+    p.add_argument("model", metavar="MODEL_OR_DIR", help="a pruned output dir, any HF dir, hub id, .gguf or smollm2-135m")
+    p.add_argument("--tasks", help="comma-separated lm-eval tasks; 'five' = piqa,hellaswag,winogrande,arc_easy,"
+                                   "arc_challenge; 'seven' adds boolq,openbookqa")
+    p.add_argument("--limit", type=int, help="first N examples per task (default: all)")
+    p.add_argument("--data-dir", default=data_dir_default(), help="local task data (offline); default: lm-eval's "
+                                                                  "stock datasets from the hub")
+    p.add_argument("--ppl", choices=PPL_DATASETS, help="also compute perplexity on this dataset")
+    p.add_argument("--seq-len", type=int, help="perplexity window (default 2048, or the model's maximum if smaller)")
+    p.add_argument("--ppl-windows", type=int, help="only the first N perplexity windows (default: all)")
+    p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default %(default)s)")
+    p.add_argument("--out", help="write the results JSON here")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto")
+    p.add_argument("--dtype", default="auto")
+    p.add_argument("--no-progress", action="store_true")
+    p.add_argument("-v", "--verbose", action="store_true")
+    p.add_argument("--debug", action="store_true")
+    return p
+
+
+def eval_main(argv: list[str]) -> int:
+    args = build_eval_parser().parse_args(argv)
+    _setup_logging(args.verbose)
+
+    def run() -> int:
+        from pathlib import Path
+
+        import torch
+
+        from amp_prune.modelio import load_model, resolve_device, resolve_dtype
+        from amp_prune.zeroshot import check_data, evaluate_model, format_results, parse_tasks, write_json_atomic
+
+        tasks = parse_tasks(args.tasks) if args.tasks is not None else ([] if args.ppl else list(FIVE))
+        out = Path(args.out) if args.out else None
+        if out is not None:
+            if out.exists() and not args.overwrite:
+                raise AmpPruneError(f"{out} already exists; pass --overwrite to replace it or choose another --out")
+            if not out.parent.is_dir():
+                raise AmpPruneError(f"the directory of --out does not exist: {out.parent}")
+        check_data(tasks, args.ppl, args.data_dir)
+        device = resolve_device(args.device)
+        loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+        with torch.no_grad():
+            res = evaluate_model(loaded.model, loaded.tokenizer, tasks=tasks, spec=loaded.spec, device=device,
+                                 data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, ppl=args.ppl,
+                                 ppl_seq_len=args.seq_len, ppl_max_windows=args.ppl_windows, seed=args.seed, progress=not args.no_progress,
+                                 verbose=args.verbose)
+        res["model"] = args.model
+        print(format_results(res))
+        if out is not None:
+            write_json_atomic(out, res)
+            print(f"results written to {out}")
+        return 0
+    return _guard(args, run)
+
+
 def finetune_main(argv: list[str]) -> int:
     args = build_finetune_parser().parse_args(argv)
     _setup_logging(args.verbose)
@@ -203,6 +282,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv and argv[0] == "finetune":
         return finetune_main(argv[1:])
+    if argv and argv[0] == "eval":
+        return eval_main(argv[1:])
     args = build_parser().parse_args(argv)
     _setup_logging(args.verbose)
     if args.layers is not None and args.ratio is not None:
@@ -215,7 +296,9 @@ def main(argv: list[str] | None = None) -> int:
                       calib_split=args.calib_split, calib_field=args.calib_field, num_samples=args.num_samples,
                       seq_len=args.seq_len, batch_size=args.batch_size, eval_samples=args.eval_samples,
                       eval_text=args.eval_text, seed=args.seed, device=args.device, dtype=args.dtype,
-                      offload=args.offload, overwrite=args.overwrite, progress=not args.no_progress, plan=args.plan)
+                      offload=args.offload, overwrite=args.overwrite, progress=not args.no_progress, plan=args.plan,
+                      eval_tasks=args.eval, eval_limit=args.eval_limit, ppl_windows=args.ppl_windows,
+                      data_dir=args.data_dir, bias_check=args.bias_check, bias_limit=args.bias_limit)
 
     def run() -> int:
         from amp_prune.api import prune
@@ -229,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
         if result.plan.steps:
             print(format_steps(result.plan.steps))
         print(format_summary(result.summary, result.timings, result.out))
+        if "bias_check" in result.summary:
+            from amp_prune.fairness import format_bias_comparison
+            print(format_bias_comparison(result.summary["bias_check"]))
+        if "eval" in result.summary:
+            from amp_prune.zeroshot import format_side_by_side
+            print(format_side_by_side(result.summary["eval"]["dense"], result.summary["eval"]["pruned"]))
         if args.finetune:
             from amp_prune.finetune import finetune
             ft = FinetuneConfig(model=result.out, data=args.finetune, out=final_out, steps=args.finetune_steps,

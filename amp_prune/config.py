@@ -44,6 +44,12 @@ class PruneConfig:
     overwrite: bool = False
     progress: bool = True
     plan: str | None = None  # replay this pruning_plan.json instead of scoring
+    eval_tasks: str | None = None  # lm-eval tasks (and/or "wikitext2") to run on dense and pruned, e.g. "five"
+    eval_limit: int | None = None  # first N examples per task
+    ppl_windows: int | None = None  # first N WikiText-2 windows (None: the whole test set)
+    data_dir: str | None = None  # local task data (offline); None = lm-eval's stock datasets
+    bias_check: str | None = None  # bias_probe dataset (optionally DATASET:ATTRIBUTE) run on dense and pruned
+    bias_limit: int | None = 200  # items sampled for --bias-check (None: all)
 
     def validate(self) -> PruneConfig:
         """Check every field; return ``self`` so calls chain."""
@@ -72,6 +78,21 @@ class PruneConfig:
                 raise AmpPruneError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value})")
         if self.plan is not None and not Path(self.plan).is_file():
             raise AmpPruneError(f"plan file not found: {self.plan}")
+        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
+            raise AmpPruneError(f"--eval-limit must be a positive number of examples per task (got {self.eval_limit})")
+        if self.ppl_windows is not None and (not isinstance(self.ppl_windows, int) or self.ppl_windows < 1):
+            raise AmpPruneError(f"--ppl-windows must be a positive number of windows (got {self.ppl_windows})")
+        if self.eval_tasks is not None:
+            from amp_prune.zeroshot import check_data, split_eval_spec
+            tasks, ppl = split_eval_spec(self.eval_tasks)
+            check_data(tasks, ppl, self.data_dir)
+        if self.bias_check is not None:
+            from bias_probe import BiasProbeError, load
+            dataset, _, attribute = self.bias_check.partition(":")
+            try:
+                load(dataset, attribute or None, data_dir=self.data_dir, limit=self.bias_limit, seed=self.seed)
+            except BiasProbeError as e:
+                raise AmpPruneError(f"--bias-check: {e}") from None
         if self.eval_text is not None and not Path(self.eval_text).is_file():
             raise AmpPruneError(f"--eval-text file not found: {self.eval_text}")
         return self

@@ -108,6 +108,21 @@ def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
 
+def _eval_section(ev: dict | None) -> list[str]:
+    """Markdown lines comparing the dense and pruned evaluation (empty without --eval)."""
+    if not ev:
+        return []
+    from amp_prune.zeroshot import markdown_side_by_side
+    return ["", "## Evaluation (dense vs pruned, same settings)", "", markdown_side_by_side(ev["dense"], ev["pruned"])]
+
+
+def _bias_section(bias: dict | None) -> list[str]:
+    if not bias:
+        return []
+    from amp_prune.fairness import markdown_bias_comparison
+    return ["", "## Fairness check (bias_probe, dense vs pruned)", "", markdown_bias_comparison(bias)]
+
+
 def write_model_card(path: Path, summary: dict) -> None:
     """A short README.md: what was removed, the numbers, and how to load it."""
     s = summary
@@ -127,6 +142,8 @@ def write_model_card(path: Path, summary: dict) -> None:
         + (f" Removed blocks (original indexing): {s['removed_layers']}." if s.get("removed_layers") else ""),
         f"Perplexity: {s.get('ppl_protocol', 'not measured')}.", "",
         f"The export was reloaded with plain `from_pretrained`; max |logit difference| = {s['export_max_abs_diff']:.2e}.",
+        *_eval_section(s.get("eval")),
+        *_bias_section(s.get("bias_check")),
         "", "## Load", "", "No custom code and no `trust_remote_code` are needed:", "",
         "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
         f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tok = AutoTokenizer.from_pretrained("{name}")',
