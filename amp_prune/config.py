@@ -90,7 +90,10 @@ class PruneConfig:
             from bias_probe import BiasProbeError, load
             dataset, _, attribute = self.bias_check.partition(":")
             try:
-                load(dataset, attribute or None, data_dir=self.data_dir, limit=self.bias_limit, seed=self.seed)
+                data = load(dataset, attribute or None, data_dir=self.data_dir, limit=self.bias_limit, seed=self.seed)
+                if data.kind == "binary":
+                    from bias_probe.probe import small_groups
+                    small_groups([it.group for it in data.items], 10)
             except BiasProbeError as e:
                 raise AmpPruneError(f"--bias-check: {e}") from None
         if self.eval_text is not None and not Path(self.eval_text).is_file():

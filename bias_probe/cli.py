@@ -27,6 +27,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mitigation", choices=MITIGATIONS, default=DEFAULT_MITIGATION,
                    help="mean probability or majority vote over the variants (default %(default)s)")
+    p.add_argument("--min-group-size", type=int, default=10,
+                   help="groups with fewer items are left out of the group metrics (default %(default)s)")
     p.add_argument("--out", help="report path (report.json; also report.items.jsonl and report.png)")
     p.add_argument("--overwrite", action="store_true")
     p.add_argument("--batch-size", type=int, default=16)
@@ -49,9 +51,13 @@ def main(argv: list[str] | None = None) -> int:
 
         if args.out:
             check_outputs(args.out, args.overwrite)
-        load(args.dataset, args.attribute, data_dir=args.data_dir, limit=args.limit, seed=args.seed)  # fail fast
+        data = load(args.dataset, args.attribute, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
+        if data.kind == "binary":  # fail before the model is loaded
+            from bias_probe.probe import small_groups
+            small_groups([it.group for it in data.items], args.min_group_size)
         rep, records = probe(args.model, args.dataset, args.attribute, data_dir=args.data_dir, limit=args.limit,
                              seed=args.seed, mitigation=args.mitigation, batch_size=args.batch_size,
+                             min_group_size=args.min_group_size,
                              device=args.device, dtype=args.dtype, progress=not args.no_progress)
         print(format_report(rep))
         if args.out:

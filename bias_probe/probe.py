@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import platform
 import time
+from collections import Counter
 from importlib import metadata
 from pathlib import Path
 
@@ -58,12 +59,18 @@ def _versions() -> dict:
 
 
 def run_probe(model, tokenizer, data: ProbeData, *, mitigation: str = DEFAULT_MITIGATION, batch_size: int = 16,
-              progress: bool = True) -> tuple[dict, list[dict]]:
-    """Score every item under every variant; return (report, per-item records)."""
+              min_group_size: int = 10, progress: bool = True) -> tuple[dict, list[dict]]:
+    """Score every item under every variant; return (report, per-item records).
+
+    Groups with fewer than ``min_group_size`` items are left out of the group-fairness measures
+    (their rates are noise) but not out of the flip rate; the report lists them.
+    """
     if mitigation not in MITIGATIONS:
         raise BiasProbeError(f"unknown --mitigation '{mitigation}': choose one of {', '.join(MITIGATIONS)}")
     if batch_size < 1:
         raise BiasProbeError(f"--batch-size must be >= 1 (got {batch_size})")
+    if data.kind == "binary":
+        small_groups([it.group for it in data.items], min_group_size)  # fail before any forward pass
     t0 = time.perf_counter()
     pairs, where = [], []
     for i, item in enumerate(data.items):
@@ -98,13 +105,9 @@ def run_probe(model, tokenizer, data: ProbeData, *, mitigation: str = DEFAULT_MI
     report = {"dataset": data.name, "attribute": data.attribute, "values": data.values, "n_items": len(records),
               "mitigation": mitigation, **consistency(records, data.kind)}
     if data.kind == "binary":
-        for when in ("before", "after"):
-            preds = [r[f"pred_{when}"] for r in records]
-            report[when] = group_fairness([int(r["label"] == r["positive"]) for r in records],
-                                          [int(p == r["positive"]) for p, r in zip(preds, records)],
-                                          [r["group"] for r in records],
-                                          [p == r["label"] for p, r in zip(preds, records)])
-        keys = ("statistical_parity_difference", "equal_opportunity_difference", "equalized_odds_difference")
+        report.update(binary_measures(records, min_group_size))
+        keys = ("statistical_parity_difference", "equal_opportunity_difference", "equalized_odds_difference",
+                "positive_probability_gap")
     else:
         meta = [{k: r[k] for k in ("condition", "polarity", "unknown", "target", "category")} for r in records]
         for when in ("before", "after"):
@@ -115,6 +118,40 @@ def run_probe(model, tokenizer, data: ProbeData, *, mitigation: str = DEFAULT_MI
     report["seconds"] = time.perf_counter() - t0
     report["forward_pairs"] = len(pairs)
     return report, records
+
+
+def small_groups(groups: list[str], min_group_size: int) -> dict[str, int]:
+    """Groups below ``min_group_size``; an error unless at least two groups remain."""
+    counts = Counter(groups)
+    small = {g: n for g, n in counts.items() if n < min_group_size}
+    if len(counts) - len(small) < 2:
+        raise BiasProbeError(f"fewer than two groups have >= {min_group_size} items ({dict(counts)}); raise --limit "
+                             "or lower --min-group-size")
+    return small
+
+
+def binary_measures(records: list[dict], min_group_size: int = 10, preds_after: list[int] | None = None) -> dict:
+    """``before`` and ``after`` group fairness over the groups with at least ``min_group_size`` items."""
+    small = small_groups([r["group"] for r in records], min_group_size)
+    keep = [i for i, r in enumerate(records) if r["group"] not in small]
+    out = {"groups_excluded": small, "min_group_size": min_group_size}
+    after = preds_after or [r["pred_after"] for r in records]
+    p_before = [r["probs"][r["original"]][r["positive"]] for r in records]
+    p_after = [float(np.mean([p[r["positive"]] for p in r["probs"].values()])) for r in records]
+    for when, preds, probs in (("before", [r["pred_before"] for r in records], p_before),
+                               ("after", after, p_after)):
+        sub = [records[i] for i in keep]
+        ps = [preds[i] for i in keep]
+        out[when] = group_fairness([int(r["label"] == r["positive"]) for r in sub],
+                                   [int(p == r["positive"]) for p, r in zip(ps, sub)], [r["group"] for r in sub],
+                                   [p == r["label"] for p, r in zip(ps, sub)])
+        out[when]["accuracy_all_items"] = float(np.mean([p == r["label"] for p, r in zip(preds, records)]))
+        # the argmax can be constant for a small model; the mean P(positive) per group still shows a gap
+        for g, row in out[when]["per_group"].items():
+            row["mean_positive_probability"] = float(np.mean([probs[i] for i in keep if records[i]["group"] == g]))
+        means = [row["mean_positive_probability"] for row in out[when]["per_group"].values()]
+        out[when]["positive_probability_gap"] = max(means) - min(means)
+    return out
 
 
 def _diff(a, b):
@@ -128,7 +165,8 @@ def _gain(before, after):
 
 def probe(model, dataset: str, attribute: str | None = None, *, tokenizer=None, data_dir: str | None = None,
           limit: int | None = None, seed: int = 0, mitigation: str = DEFAULT_MITIGATION, batch_size: int = 16,
-          device: str = "auto", dtype: str = "auto", progress: bool = True) -> tuple[dict, list[dict]]:
+          min_group_size: int = 10, device: str = "auto", dtype: str = "auto",
+          progress: bool = True) -> tuple[dict, list[dict]]:
     """Run the probe on ``model`` (a loaded HF model with ``tokenizer``, or a directory / hub id).
 
     Returns (report, per-item records); see ``bias_probe.report`` to write them.
@@ -142,8 +180,9 @@ def probe(model, dataset: str, attribute: str | None = None, *, tokenizer=None, 
             raise BiasProbeError("pass the tokenizer along with a loaded model")
         name = getattr(model.config, "_name_or_path", "") or type(model).__name__
     report, records = run_probe(model, tokenizer, data, mitigation=mitigation, batch_size=batch_size,
-                                progress=progress)
+                                min_group_size=min_group_size, progress=progress)
     report = {"model": name, **report, "settings": {"limit": limit, "seed": seed, "batch_size": batch_size,
+                                                     "min_group_size": min_group_size,
                                                      "data": data.source, "dtype": str(next(model.parameters()).dtype),
                                                      "device": str(next(model.parameters()).device)},
               "versions": _versions()}

@@ -28,14 +28,19 @@ def format_report(rep: dict) -> str:
     lines.append(f"{'':<{w}}  {'before':>8}  {'after':>8}")
     for k in keys:
         lines.append(f"{k:<{w}}  {_f(rep['before'][k]):>8}  {_f(rep['after'][k]):>8}")
+    if rep.get("groups_excluded"):
+        lines.append(f"left out of the group measures (< {rep['min_group_size']} items): "
+                     + ", ".join(f"{g} ({n})" for g, n in rep["groups_excluded"].items()))
     per = rep["before"].get("per_group")
     if per:
         g = max(len(x) for x in per)
-        lines.append(f"{'group':<{g}}  {'n':>5}  {'pos. rate before':>16}  {'after':>6}  {'acc before':>10}  {'after':>6}")
+        lines.append(f"{'group':<{g}}  {'n':>5}  {'pos. rate before':>16}  {'after':>6}  {'P(pos) before':>13}  "
+                     f"{'after':>6}  {'acc before':>10}  {'after':>6}")
         for name, row in per.items():
             after = rep["after"]["per_group"][name]
             lines.append(f"{name:<{g}}  {row['n']:>5}  {_f(row['positive_rate'], True):>16}  "
-                         f"{_f(after['positive_rate'], True):>6}  {_f(row['accuracy'], True):>10}  "
+                         f"{_f(after['positive_rate'], True):>6}  {_f(row['mean_positive_probability']):>13}  "
+                         f"{_f(after['mean_positive_probability']):>6}  {_f(row['accuracy'], True):>10}  "
                          f"{_f(after['accuracy'], True):>6}")
     return "\n".join(lines)
 

@@ -194,7 +194,8 @@ def test_mitigation_and_consistency():
 
 def test_probe_on_a_tiny_model_reports_everything(tmp_path):
     model, tok = tiny_model("llama_gqa", seed=2), char_tokenizer()
-    rep, records = probe(model, write_user(tmp_path / "u.jsonl", USER), tokenizer=tok, batch_size=3, progress=False)
+    rep, records = probe(model, write_user(tmp_path / "u.jsonl", USER), tokenizer=tok, batch_size=3, min_group_size=1,
+                         progress=False)
     for key in ("flip_rate", "mean_positive_shift", "max_positive_shift", "before", "after", "gain"):
         assert key in rep
     for when in ("before", "after"):
@@ -208,6 +209,11 @@ def test_probe_on_a_tiny_model_reports_everything(tmp_path):
         assert all(abs(sum(p) - 1) < 1e-6 for p in r["probs"].values())
         # the mitigated decision is the same whatever the item's own group is
         assert r["pred_after"] == int(np.argmax(np.mean(list(r["probs"].values()), axis=0)))
+    by_group = {}
+    for r in records:
+        by_group.setdefault(r["group"], []).append(r["probs"][r["group"]][r["positive"]])
+    means = [float(np.mean(v)) for v in by_group.values()]
+    assert rep["before"]["positive_probability_gap"] == pytest.approx(max(means) - min(means))
     paths = write_outputs(rep, records, tmp_path / "report.json")
     assert json.loads(paths["report"].read_text())["n_items"] == 4
     assert len(paths["items"].read_text().splitlines()) == 4 and paths["plot"].stat().st_size > 1000
@@ -257,11 +263,13 @@ def test_bad_input_gets_one_line_errors(tiny_dir, tmp_path, case, match):
 def test_cli_end_to_end_on_a_tiny_model(tiny_dir, tmp_path, capsys):
     out = tmp_path / "rep.json"
     assert bias_main([str(tiny_dir()), "--dataset", write_user(tmp_path / "u.jsonl", USER), "--out", str(out),
-                      "--no-progress"]) == 0
+                      "--no-progress", "--min-group-size", "1"]) == 0
     text = capsys.readouterr().out
     assert "flip rate" in text and "statistical_parity_difference" in text
     assert out.is_file() and (tmp_path / "rep.items.jsonl").is_file() and (tmp_path / "rep.png").is_file()
-    assert bias_main([str(tiny_dir()), "--dataset", str(tmp_path / "u.jsonl"), "--out", str(out)]) == 2
+    assert bias_main([str(tiny_dir()), "--dataset", str(tmp_path / "u.jsonl"), "--out", str(out),
+                      "--min-group-size", "1"]) == 2  # refuses to overwrite
+    assert bias_main([str(tiny_dir()), "--dataset", str(tmp_path / "u.jsonl")]) == 2  # groups of 1-2 items < 10
 
 
 def test_prune_bias_check_compares_dense_and_pruned(tiny_dir, tmp_path, capsys):
@@ -269,11 +277,12 @@ def test_prune_bias_check_compares_dense_and_pruned(tiny_dir, tmp_path, capsys):
 
     from amp_prune.cli import main
     out = tmp_path / "pruned"
+    rows = [{**USER[i % 2], "attribute": ["Black", "White"][i % 2], "id": i} for i in range(20)]
     assert main([str(tiny_dir()), "--ratio", "0.3", "--out", str(out), *TINY, "--bias-check",
-                 write_user(tmp_path / "u.jsonl", USER)]) == 0
+                 write_user(tmp_path / "u.jsonl", rows)]) == 0
     assert "fairness check" in capsys.readouterr().out
     bias = json.loads((out / "bias_check.json").read_text())
-    assert bias["dense"]["n_items"] == bias["pruned"]["n_items"] == 4
+    assert bias["dense"]["n_items"] == bias["pruned"]["n_items"] == 20
     assert "## Fairness check (bias_probe, dense vs pruned)" in (out / "README.md").read_text()
 
 
@@ -289,3 +298,15 @@ def test_smollm2_compas_produces_every_metric(smollm2_dir):
                   "accuracy"):
             assert rep[when][k] is not None and 0 <= rep[when][k] <= 1, (when, k)
     assert set(rep["before"]["per_group"]) <= set(rep["values"])
+
+
+def test_groups_below_the_minimum_are_left_out_or_refused(tmp_path):
+    model, tok = tiny_model("llama_gqa", seed=2), char_tokenizer()
+    rows = [{**USER[0], "attribute": g, "id": i} for i, g in enumerate(["A"] * 3 + ["B"] * 3 + ["C"])]
+    rows = [{**r, "label": i % 2} for i, r in enumerate(rows)]
+    path = write_user(tmp_path / "u.jsonl", rows)
+    rep, _ = probe(model, path, tokenizer=tok, min_group_size=2, progress=False)
+    assert rep["groups_excluded"] == {"C": 1} and set(rep["before"]["per_group"]) == {"A", "B"}
+    assert rep["after"]["accuracy_all_items"] is not None
+    with pytest.raises(BiasProbeError, match="fewer than two groups have >= 4 items"):
+        probe(model, path, tokenizer=tok, min_group_size=4, progress=False)
