@@ -1,7 +1,7 @@
 """bias_probe on SmolLM2, dense and AMP-pruned at 0.3: COMPAS (race) and DecodingTrust adult (sex).
 
     python benchmarks/bias.py                      # ~20 minutes on 2 CPU cores
-    python benchmarks/bias.py --compas-limit 400 --adult-limit 200
+    python benchmarks/bias.py --compas-limit 300 --adult-limit 200
 
 Both mitigations are computed from the same forward passes (the aggregation is the only
 difference), so they can be compared item for item. Writes docs/fairness.md (the tables
@@ -35,7 +35,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--compas-limit", type=int, default=400)
+    ap.add_argument("--compas-limit", type=int, default=300)
     ap.add_argument("--adult-limit", type=int, default=200)
     ap.add_argument("--min-group-size", type=int, default=10)
     ap.add_argument("--batch-size", type=int, default=32)
