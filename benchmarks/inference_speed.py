@@ -1,6 +1,6 @@
 """Prefill and decode throughput of SmolLM2, dense against pruned, on the same prompts.
 
-    python benchmarks/inference_speed.py                 # CPU: ~5 minutes
+    python benchmarks/inference_speed.py                 # CPU: ~3 minutes (two ratios)
     python benchmarks/inference_speed.py --device cuda --dtype bfloat16
 
 Speed depends only on the shapes, not on which units were removed, so the pruned models here
