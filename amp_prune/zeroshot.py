@@ -195,8 +195,7 @@ def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: tor
         raise AmpPruneError(f"--ppl-windows must be a positive number of windows (got {ppl_max_windows})")
     if batch_size < 1:
         raise AmpPruneError(f"--batch-size must be >= 1 (got {batch_size})")
-    if ppl is not None and ppl not in PPL_DATASETS:
-        raise AmpPruneError(f"unknown --ppl dataset '{ppl}': available is {', '.join(PPL_DATASETS)}")
+    check_data(tasks, ppl, data_dir)
     if not tasks and ppl is None:
         raise AmpPruneError("nothing to evaluate: give --tasks and/or --ppl wikitext2")
     device = device or next(model.parameters()).device

@@ -69,3 +69,14 @@ def save_json(path: str | None, payload) -> None:
 def wikitext_text() -> str:
     rows = json.loads((SHARED_DATA / "wikitext2" / "wikitext-2-raw-v1.test.rows.json").read_text())
     return "\n\n".join(rows)
+
+
+def replace_section(path: Path, start: str, end: str, block: str, *, new_file: str = "", heading: str = "") -> None:
+    """Put ``block`` between the ``start``/``end`` markers of a docs file (appended, under ``heading``, if absent)."""
+    text = path.read_text() if path.is_file() else new_file
+    block = f"{start}\n{block}\n{end}"
+    if start in text and end in text:
+        text = text[:text.index(start)] + block + text[text.index(end) + len(end):]
+    else:
+        text = text.rstrip() + "\n\n" + heading + block + "\n"
+    path.write_text(text)

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table  # noqa: E402
+from _common import SHARED_DATA, print_table, replace_section  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
 from bias_probe import load, run_probe  # noqa: E402
@@ -101,15 +101,9 @@ def write_docs(header: str, table: str, reports: list[dict]) -> None:
     axes[0].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(DOCS / "fairness.png", dpi=110)
-    path = DOCS / "fairness.md"
-    block = f"{START}\n{header}\n\n{table}\n\n![per-group positive rate before and after](fairness.png)\n{END}"
-    text = path.read_text() if path.is_file() else "# Fairness: bias_probe results\n\n"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n" + block + "\n"
-    path.write_text(text)
-
+    replace_section(DOCS / "fairness.md", START, END,
+                    f"{header}\n\n{table}\n\n![per-group positive rate before and after](fairness.png)",
+                    new_file="# Fairness: bias_probe results\n\n")
 
 if __name__ == "__main__":
     main()

@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table  # noqa: E402
+from _common import SHARED_DATA, print_table, replace_section  # noqa: E402
 
 from amp_prune.calibration import build_batches  # noqa: E402
 from amp_prune.criteria import ScoreContext, get_criterion  # noqa: E402
@@ -159,15 +159,9 @@ def write_docs(table: str, header: str, rows: list[dict]) -> None:
     ax1.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(DOCS / "quality.png", dpi=110)
-    path = DOCS / "results.md"
-    text = path.read_text()
-    block = f"{START}\n{header}\n\n{table}\n\n![accuracy and perplexity against ratio](quality.png)\n{END}"
-    if START in text and END in text:
-        text = text[:text.index(START)] + block + text[text.index(END) + len(END):]
-    else:
-        text = text.rstrip() + "\n\n## Zero-shot accuracy and perplexity against ratio\n\n" + block + "\n"
-    path.write_text(text)
-
+    replace_section(DOCS / "results.md", START, END,
+                    f"{header}\n\n{table}\n\n![accuracy and perplexity against ratio](quality.png)",
+                    heading="## Zero-shot accuracy and perplexity against ratio\n\n")
 
 if __name__ == "__main__":
     main()
