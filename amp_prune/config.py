@@ -1,113 +1,272 @@
-"""The configuration of one pruning run, shared by the Python API and the CLI."""
+"""The configuration of every operation, shared by the Python API and the CLI (the ground floor).
+
+A pruning run is a :class:`PruneConfig` with nested sections: calibration, width, depth,
+evaluation, bias check and runtime. Each field carries its CLI help in ``metadata``, and
+``amp_prune.cli`` builds the flags from these fields, so the two cannot drift. This module
+owns the choice lists. ``validate()`` is pure: it checks values and combinations, and never
+reads a file, a dataset or a model (the pipeline's check stage does that, before any forward
+pass).
+
+The flat form (``to_dict()``, ``PruneConfig.from_flat``) keeps one key per CLI flag, exactly
+as ``run.json`` has always recorded it.
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, field, fields, is_dataclass
 from pathlib import Path
 
-from amp_prune.calibration import DEFAULT_SOURCE, MIN_CHUNK_TOKENS
-from amp_prune.criteria import CRITERIA
 from amp_prune.errors import AmpPruneError
-from amp_prune.layer_drop import LAYER_CRITERIA, REPRESENTATIONS
-from amp_prune.plan import GQA_MODES
 
 METHODS = ("width", "cka", "hybrid")
+CRITERIA = ("amp", "magnitude", "random", "wanda_sp")
+GQA_MODES = ("group", "heads")
+LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
+REPRESENTATIONS = ("token", "pooled")
+PPL_DATASETS = ("wikitext2",)
+DEFAULT_SOURCE = "builtin:c4"
+MIN_CHUNK_TOKENS = 16
+
+
+def opt(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
+        metavar: str | None = None, factory=None):
+    """A config field with its CLI help; ``flag`` overrides the flag name derived from the field name."""
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+    if factory is not None:
+        return field(default_factory=factory, metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _int_at_least(value, low: int, flag: str, optional: bool = False, what: str | None = None) -> None:
+    if optional and value is None:
+        return
+    if not isinstance(value, int) or isinstance(value, bool) or value < low:
+        need = f"a positive number of {what}" if what else f"an integer >= {low}"
+        raise AmpPruneError(f"{flag} must be {need} (got {value})")
+
+
+def _choice(value, choices: tuple[str, ...], flag: str) -> None:
+    if value not in choices:
+        raise AmpPruneError(f"unknown {flag} '{value}': choose one of {', '.join(choices)}")
+
+
+@dataclass
+class CalibConfig:
+    """Calibration text and the held-out chunks that measure perplexity before and after."""
+
+    calib: str = opt(DEFAULT_SOURCE, ".txt/.jsonl/.json file or datasets name (default: packaged C4 sample)")
+    calib_config: str | None = opt(None, "datasets config name")
+    calib_split: str = opt("train", "datasets split (default %(default)s)")
+    calib_field: str = opt("text", "text field (default %(default)s)")
+    num_samples: int = opt(64, "calibration sequences (default %(default)s)")
+    seq_len: int = opt(512, "tokens per sequence (default %(default)s)")
+    batch_size: int = opt(8, "sequences per forward (default %(default)s)")
+    eval_samples: int = opt(16, "held-out sequences for perplexity before/after; 0 skips it (default %(default)s)")
+    eval_text: str | None = opt(None, "held-out text file for perplexity (default: unused calibration chunks)")
+    seed: int = opt(0, "seed of the chunk shuffle and of random scores (default %(default)s)")
+
+    def validate(self) -> None:
+        for name, low in (("num_samples", 1), ("seq_len", MIN_CHUNK_TOKENS), ("batch_size", 1), ("eval_samples", 0)):
+            _int_at_least(getattr(self, name), low, "--" + name.replace("_", "-"))
+
+
+@dataclass
+class WidthConfig:
+    """How width units are scored and grouped."""
+
+    criterion: str = opt("amp", "unit scoring (default %(default)s)", choices=CRITERIA)
+    gqa_mode: str = opt("group", "group: remove whole KV groups; heads: remove query heads evenly within groups "
+                                 "(default %(default)s)", choices=GQA_MODES)
+
+    def validate(self) -> None:
+        _choice(self.criterion, CRITERIA, "--criterion")
+        _choice(self.gqa_mode, GQA_MODES, "--gqa-mode")
+
+
+@dataclass
+class DepthConfig:
+    """Block dropping (``--method cka``) and the depth side of hybrid."""
+
+    layers: int | None = opt(None, "number of blocks to drop with --method cka")
+    layer_criterion: str = opt("cka", "block score for --method cka (default %(default)s)", choices=LAYER_CRITERIA)
+    one_shot: bool = opt(False, "score blocks once and drop the top N (large models)")
+    representation: str = opt("pooled", "CKA over per-token states or per-sequence means (default %(default)s)",
+                              choices=REPRESENTATIONS)
+
+    def validate(self) -> None:
+        _choice(self.layer_criterion, LAYER_CRITERIA, "--layer-criterion")
+        _choice(self.representation, REPRESENTATIONS, "--representation")
+        _int_at_least(self.layers, 1, "--layers", optional=True, what="blocks")
+
+
+@dataclass
+class EvalConfig:
+    """lm-eval tasks and perplexity run on the dense and the pruned model, side by side."""
+
+    eval_tasks: str | None = opt(None, "lm-eval tasks and/or wikitext2, comma-separated ('five' = the usual five); "
+                                       "results go to the summary, eval.json and the card", flag="--eval",
+                                 metavar="TASKS")
+    eval_limit: int | None = opt(None, "first N examples per task (default: all)")
+    ppl_windows: int | None = opt(None, "first N WikiText-2 windows of 2048 tokens (default: all; the whole test set "
+                                        "takes ~12 min per model for 135M params on 2 CPU cores)")
+    data_dir: str | None = opt(None, "local task and bias data (offline; layout of shared/data; default "
+                                     "$AMP_PRUNE_DATA_DIR)")
+
+    def validate(self) -> None:
+        _int_at_least(self.eval_limit, 1, "--eval-limit", optional=True, what="examples per task")
+        _int_at_least(self.ppl_windows, 1, "--ppl-windows", optional=True, what="windows")
+        if self.eval_tasks is not None and not [t for t in self.eval_tasks.split(",") if t.strip()]:
+            raise AmpPruneError(f"--eval got no task names ('{self.eval_tasks}'); e.g. --eval five,wikitext2")
+
+
+@dataclass
+class BiasConfig:
+    """``bias_probe`` on the dense and the pruned model with the same items."""
+
+    bias_check: str | None = opt(None, "compas, adult, crime, bbq or FILE.jsonl (e.g. compas:race); needs --data-dir "
+                                       "for the built-in datasets; the comparison goes to the summary, "
+                                       "bias_check.json and the card", flag="--bias-check",
+                                 metavar="DATASET[:ATTRIBUTE]")
+    bias_limit: int | None = opt(200, "items sampled for --bias-check (default %(default)s)")
+
+    def validate(self) -> None:
+        _int_at_least(self.bias_limit, 1, "--bias-limit", optional=True)
+
+
+@dataclass
+class RuntimeConfig:
+    """Where and how the run executes."""
+
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N (default %(default)s)")
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device")
+    progress: bool = opt(True, "hide progress bars", flag="--no-progress")
+
+    def validate(self) -> None:
+        pass
+
+
+SECTIONS = {"calib": CalibConfig, "width": WidthConfig, "depth": DepthConfig, "eval": EvalConfig,
+            "bias": BiasConfig, "runtime": RuntimeConfig}
 
 
 @dataclass
 class PruneConfig:
-    """What to prune, by how much, and how to calibrate. ``validate()`` raises one-line errors."""
+    """What to prune, by how much, how to calibrate, and what to measure. ``validate()`` raises one-line errors."""
 
     model: str
-    ratio: float = 0.3
-    out: str | None = None
-    method: str = "width"  # width (AMP) | cka (drop blocks) | hybrid
-    layers: int | None = None  # blocks to drop with method=cka (else derived from ratio)
-    layer_criterion: str = "cka"
-    one_shot: bool = False  # cka: score once and drop the top N, instead of rescoring after each removal
-    representation: str = "pooled"  # CKA over per-sequence mean-pooled states (measured best) or per-token ones
-    criterion: str = "amp"
-    gqa_mode: str = "group"
-    calib: str = DEFAULT_SOURCE
-    calib_config: str | None = None
-    calib_split: str = "train"
-    calib_field: str = "text"
-    num_samples: int = 64
-    seq_len: int = 512
-    batch_size: int = 8
-    eval_samples: int = 16
-    eval_text: str | None = None
-    seed: int = 0
-    device: str = "auto"
-    dtype: str = "auto"
-    offload: bool = False
-    overwrite: bool = False
-    progress: bool = True
-    plan: str | None = None  # replay this pruning_plan.json instead of scoring
-    eval_tasks: str | None = None  # lm-eval tasks (and/or "wikitext2") to run on dense and pruned, e.g. "five"
-    eval_limit: int | None = None  # first N examples per task
-    ppl_windows: int | None = None  # first N WikiText-2 windows (None: the whole test set)
-    data_dir: str | None = None  # local task data (offline); None = lm-eval's stock datasets
-    bias_check: str | None = None  # bias_probe dataset (optionally DATASET:ATTRIBUTE) run on dense and pruned
-    bias_limit: int | None = 200  # items sampled for --bias-check (None: all)
+    ratio: float = opt(0.3, "fraction of ALL parameters to remove (default 0.3); with --method cka it is converted "
+                            "to a block count")
+    out: str | None = opt(None, "output directory (default: ./<model>-<criterion><percent>)")
+    overwrite: bool = opt(False, "replace an existing output directory")
+    method: str = opt("width", "width: AMP heads+channels; cka: drop whole blocks; hybrid: width or depth at each step "
+                               "(default %(default)s)", choices=METHODS)
+    plan: str | None = opt(None, "replay a pruning_plan.json instead of scoring")
+    calib: CalibConfig = opt(None, "", factory=CalibConfig)
+    width: WidthConfig = opt(None, "", factory=WidthConfig)
+    depth: DepthConfig = opt(None, "", factory=DepthConfig)
+    eval: EvalConfig = opt(None, "", factory=EvalConfig)
+    bias: BiasConfig = opt(None, "", factory=BiasConfig)
+    runtime: RuntimeConfig = opt(None, "", factory=RuntimeConfig)
 
     def validate(self) -> PruneConfig:
-        """Check every field; return ``self`` so calls chain."""
-        if not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
+        """Check every value and combination without touching a file; return ``self`` so calls chain."""
+        if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
-        if self.method not in METHODS:
-            raise AmpPruneError(f"unknown --method '{self.method}': choose one of {', '.join(METHODS)}")
-        if self.layer_criterion not in LAYER_CRITERIA:
-            raise AmpPruneError(f"unknown --layer-criterion '{self.layer_criterion}': choose one of "
-                                f"{', '.join(LAYER_CRITERIA)}")
-        if self.representation not in REPRESENTATIONS:
-            raise AmpPruneError(f"unknown --representation '{self.representation}': choose one of "
-                                f"{', '.join(REPRESENTATIONS)}")
-        if self.layers is not None:
-            if self.method != "cka":
-                raise AmpPruneError("--layers is for --method cka; use --ratio with the other methods")
-            if not isinstance(self.layers, int) or self.layers <= 0:
-                raise AmpPruneError(f"--layers must be a positive number of blocks (got {self.layers})")
-        if self.criterion not in CRITERIA:
-            raise AmpPruneError(f"unknown --criterion '{self.criterion}': choose one of {', '.join(CRITERIA)}")
-        if self.gqa_mode not in GQA_MODES:
-            raise AmpPruneError(f"unknown --gqa-mode '{self.gqa_mode}': choose one of {', '.join(GQA_MODES)}")
-        for name, low in (("num_samples", 1), ("seq_len", MIN_CHUNK_TOKENS), ("batch_size", 1), ("eval_samples", 0)):
-            value = getattr(self, name)
-            if not isinstance(value, int) or value < low:
-                raise AmpPruneError(f"--{name.replace('_', '-')} must be an integer >= {low} (got {value})")
-        if self.plan is not None and not Path(self.plan).is_file():
-            raise AmpPruneError(f"plan file not found: {self.plan}")
-        if self.eval_limit is not None and (not isinstance(self.eval_limit, int) or self.eval_limit < 1):
-            raise AmpPruneError(f"--eval-limit must be a positive number of examples per task (got {self.eval_limit})")
-        if self.ppl_windows is not None and (not isinstance(self.ppl_windows, int) or self.ppl_windows < 1):
-            raise AmpPruneError(f"--ppl-windows must be a positive number of windows (got {self.ppl_windows})")
-        if self.eval_tasks is not None:
-            from amp_prune.zeroshot import check_data, split_eval_spec
-            tasks, ppl = split_eval_spec(self.eval_tasks)
-            check_data(tasks, ppl, self.data_dir)
-        if self.bias_check is not None:
-            from bias_probe import BiasProbeError, load
-            dataset, _, attribute = self.bias_check.partition(":")
-            try:
-                data = load(dataset, attribute or None, data_dir=self.data_dir, limit=self.bias_limit, seed=self.seed)
-                if data.kind == "binary":
-                    from bias_probe.probe import small_groups
-                    small_groups([it.group for it in data.items], 10)
-            except BiasProbeError as e:
-                raise AmpPruneError(f"--bias-check: {e}") from None
-        if self.eval_text is not None and not Path(self.eval_text).is_file():
-            raise AmpPruneError(f"--eval-text file not found: {self.eval_text}")
+        _choice(self.method, METHODS, "--method")
+        if self.depth.layers is not None and self.method != "cka":
+            raise AmpPruneError("--layers is for --method cka; use --ratio with the other methods")
+        for name in SECTIONS:
+            getattr(self, name).validate()
         return self
+
+    @property
+    def target_ratio(self) -> float | None:
+        """The ratio the user asked for (``None`` when a block count was given instead)."""
+        return self.ratio if self.depth.layers is None else None
 
     def default_out(self) -> str:
         """``<model name>-<criterion><percent>`` in the current directory."""
         name = Path(self.model.rstrip("/")).name.removesuffix(".gguf") or "model"
         if self.method == "cka":
-            tag = f"{self.layer_criterion}-{self.layers}L" if self.layers else f"{self.layer_criterion}{round(self.ratio * 100)}"
-            return f"{name}-{tag}"
-        tag = self.criterion if self.method == "width" else "hybrid"
+            d = self.depth
+            return f"{name}-{d.layer_criterion}-{d.layers}L" if d.layers else f"{name}-{d.layer_criterion}{round(self.ratio * 100)}"
+        tag = self.width.criterion if self.method == "width" else "hybrid"
         return f"{name}-{tag}{round(self.ratio * 100)}"
 
     def to_dict(self) -> dict:
-        return asdict(self)
+        """The flat form: one key per field of every section (the keys ``run.json`` records)."""
+        flat = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            flat.update(asdict(value) if is_dataclass(value) else {f.name: value})
+        return flat
+
+    @classmethod
+    def from_flat(cls, **kwargs) -> PruneConfig:
+        """Build from flat keys (``num_samples=16``, ``criterion="random"``, ...), each routed to its section."""
+        top = {f.name for f in fields(cls) if f.name not in SECTIONS}
+        parts: dict[str, dict] = {name: {} for name in SECTIONS}
+        owner = {f.name: s for s, sc in SECTIONS.items() for f in fields(sc)}
+        direct = {}
+        for key, value in kwargs.items():
+            if key in top:
+                direct[key] = value
+            elif key in owner:
+                parts[owner[key]][key] = value
+            else:
+                raise AmpPruneError(f"unknown PruneConfig field '{key}'")
+        return cls(**direct, **{s: SECTIONS[s](**v) for s, v in parts.items()})
+
+
+@dataclass
+class FinetuneConfig:
+    """One recovery run (``amp-prune finetune``); ``validate()`` raises one-line errors without touching a file."""
+
+    model: str
+    data: str = opt(None, "Alpaca-style .json/.jsonl (loss on responses) or text (.txt/.jsonl/.json/datasets name: "
+                          "causal LM loss)")
+    out: str | None = opt(None, "output directory (default: ./<model>-lora)")
+    steps: int | None = opt(None, "optimizer steps (default: one epoch)")
+    epochs: float | None = opt(None, "epochs, when --steps is not given (default 1)")
+    lr: float = opt(3e-4, "learning rate (default %(default)s)")
+    lora_r: int = opt(8, "LoRA rank (default %(default)s)")
+    lora_alpha: int = opt(16, "LoRA alpha (default %(default)s)")
+    lora_dropout: float = opt(0.05, "LoRA dropout (default %(default)s)")
+    seq_len: int = opt(256, "tokens per training sequence (default %(default)s)")
+    batch_size: int = opt(4, "sequences per micro-batch (default %(default)s)")
+    grad_accum: int = opt(1, "micro-batches per optimizer step (default %(default)s)")
+    warmup_ratio: float = opt(0.05, "share of the steps with a linear warmup (default %(default)s)")
+    eval_samples: int = opt(16, "held-out examples for perplexity before/after (default %(default)s)")
+    save_every: int = opt(50, "checkpoint interval in steps (default %(default)s)")
+    seed: int = opt(0, "seed (default %(default)s)")
+    device: str = opt("auto", "auto, cpu, cuda, cuda:N (default %(default)s)")
+    dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
+    gradient_checkpointing: bool = opt(False, "recompute activations in the backward pass (less memory)")
+    overwrite: bool = opt(False, "replace an existing output directory")
+    progress: bool = opt(True, "hide progress bars", flag="--no-progress")
+    data_field: str = opt("text", "text field of .jsonl/.json/datasets text data (default %(default)s)")
+
+    def validate(self) -> FinetuneConfig:
+        if not self.data:
+            raise AmpPruneError("--data is required: a text or instruction file (or a datasets name) to train on")
+        if self.steps is not None and self.epochs is not None:
+            raise AmpPruneError("give --steps or --epochs, not both")
+        for name, low in (("steps", 1), ("lora_r", 1), ("seq_len", 16), ("batch_size", 1), ("grad_accum", 1),
+                          ("eval_samples", 0), ("save_every", 1)):
+            _int_at_least(getattr(self, name), low, "--" + name.replace("_", "-"), optional=name == "steps")
+        if self.epochs is not None and not self.epochs > 0:
+            raise AmpPruneError(f"--epochs must be > 0 (got {self.epochs})")
+        if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
+            raise AmpPruneError("--lr must be > 0 and --lora-dropout in [0, 1)")
+        return self
+
+    def default_out(self) -> str:
+        return f"{Path(self.model.rstrip('/')).name}-lora"
+
+
+def field_default(f):
+    """The default of a dataclass field (``None`` for required ones)."""
+    if f.default is not MISSING:
+        return f.default
+    return f.default_factory() if f.default_factory is not MISSING else None

@@ -1,28 +1,21 @@
-"""Budget + scores -> :class:`PrunePlan`, a JSON-able record that replays on a fresh model.
+"""The plan: the only hand-off from a search to surgery, as JSON that replays on a fresh model.
 
-Budget (the AMP reference): remove ``ratio`` of *all* model parameters (embeddings
-included in the denominator), spread uniformly over the blocks. Every block loses the same
-number of attention units (whole KV groups, or query heads evenly within each group) and
-the same number of MLP channels, so the result is expressible by one HF config. The
-attention share is the nearest whole unit count to the uniform share ``p`` of the block
-parameters; the channel count then absorbs the rest of the budget exactly.
+Every method (width, cka, hybrid, a replayed file) produces a :class:`PrunePlan`;
+:func:`amp_prune.surgery.apply_plan` is the only code that turns one into a smaller model.
+Units are listed in the *original* indexing of the model the plan was made for. The search
+log is a list of typed steps (:class:`DepthStep`, :class:`HybridStep`), serialized with a
+``type`` tag; version-1 files written before the tag existed still load.
 """
 
 from __future__ import annotations
 
 import json
-import math
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
-import torch
-from torch import nn
-
-from amp_prune.arch import ArchSpec
-from amp_prune.criteria.base import LayerScores
 from amp_prune.errors import AmpPruneError
+from amp_prune.io.files import write_json
 
-GQA_MODES = ("group", "heads")
 PLAN_VERSION = 1
 
 
@@ -37,6 +30,55 @@ class LayerPlan:
 
 
 @dataclass
+class DepthStep:
+    """One depth-search step: every remaining candidate's metrics (current order) and the blocks removed."""
+
+    step: int
+    candidates: list[int]  # original indices of the remaining blocks
+    metrics: dict[str, list[float]]
+    removed: list[int]  # original indices removed at this step
+    score_name: str = "cka"
+    type: str = "depth"
+
+
+@dataclass
+class HybridStep:
+    """One hybrid step: the CKA to the parent of the depth and width candidates, and the choice."""
+
+    step: int
+    params: int  # parameters before the step
+    choice: str = ""  # "depth" | "width"
+    removed_params: int = 0
+    final: bool = False  # the last, exact width step (no depth candidate)
+    cka_depth: float | None = None
+    cka_width: float | None = None
+    depth_block: int | None = None  # original index of the best depth candidate
+    removed_block: int | None = None  # original index, when depth was chosen
+    candidates: list[int] = field(default_factory=list)
+    metrics: dict[str, list[float]] = field(default_factory=dict)
+    type: str = "hybrid"
+
+
+Step = DepthStep | HybridStep
+_STEP_TYPES: dict[str, type] = {"depth": DepthStep, "hybrid": HybridStep}
+
+
+def step_to_dict(step: Step) -> dict:
+    """JSON form of a step; unset optional fields are left out (as version-1 files did)."""
+    return {k: v for k, v in asdict(step).items() if v is not None}
+
+
+def step_from_dict(d: dict) -> Step:
+    """A typed step from its JSON form; untagged version-1 hybrid steps are the ones with a ``choice``."""
+    kind = d.get("type") or ("hybrid" if "choice" in d else "depth")
+    if kind not in _STEP_TYPES:
+        raise AmpPruneError(f"unknown plan step type '{kind}': expected one of {', '.join(_STEP_TYPES)}")
+    cls = _STEP_TYPES[kind]
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in d.items() if k in names and k != "type"})
+
+
+@dataclass
 class PrunePlan:
     """Everything :func:`amp_prune.surgery.apply_plan` needs, plus how it was chosen."""
 
@@ -48,11 +90,19 @@ class PrunePlan:
     layers: list[LayerPlan]
     removed_layers: list[int] = field(default_factory=list)  # whole blocks (depth pruning), original indexing
     method: str = "width"  # width | cka | hybrid
-    steps: list[dict] = field(default_factory=list)  # the search log of depth/hybrid runs
+    steps: list[Step] = field(default_factory=list)  # the search log of depth/hybrid runs
     version: int = PLAN_VERSION
 
+    @classmethod
+    def blocks_only(cls, model_type: str, dims: dict[str, int], removed: list[int], **kw) -> PrunePlan:
+        """A plan that removes whole blocks and no width units."""
+        return cls(model_type=model_type, dims=dims, gqa_mode="-", layers=[LayerPlan(i) for i in range(dims["n_layers"])],
+                   removed_layers=sorted(removed), **kw)
+
     def to_dict(self) -> dict:
-        return asdict(self)
+        d = asdict(self)
+        d["steps"] = [step_to_dict(s) for s in self.steps]
+        return d
 
     @classmethod
     def from_dict(cls, d: dict) -> PrunePlan:
@@ -60,10 +110,11 @@ class PrunePlan:
             raise AmpPruneError(f"pruning plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         d = dict(d)
         d["layers"] = [LayerPlan(**lp) for lp in d["layers"]]
+        d["steps"] = [step_from_dict(s) for s in d.get("steps", [])]
         return cls(**d)
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.to_dict(), indent=1))
+        write_json(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> PrunePlan:
@@ -72,94 +123,45 @@ class PrunePlan:
         except (OSError, json.JSONDecodeError, TypeError, KeyError) as e:
             raise AmpPruneError(f"cannot read pruning plan {path}: {e}") from None
 
+    def check(self, model_type: str, dims: dict[str, int]) -> tuple[int, int, int]:
+        """Refuse a plan made for another model; return the kept (query heads, KV heads, channels) per block.
 
-@dataclass
-class Budget:
-    """Per-block removal counts. ``attn_units`` is KV groups (group mode) or heads per group (heads mode)."""
-
-    attn_units: int
-    channels: int
-    expected_removed: int
-    total_params: int
-
-
-def count_params(model: nn.Module) -> int:
-    """Unique parameters (tied embeddings count once)."""
-    return sum(p.numel() for p in model.parameters())
-
-
-def _unit_costs(model: nn.Module, spec: ArchSpec, mode: str) -> tuple[int, int, int]:
-    """Return (params per attention unit, attention units per block, params per channel)."""
-    d = spec.dims(model.config)
-    layer = spec.get_layers(model)[0]
-    attn, mlp = spec.attention(layer), spec.mlp_module(layer)
-    hidden, hd, g = d["hidden"], d["head_dim"], d["n_heads"] // d["n_kv"]
-    qkv_bias = (getattr(attn, spec.qkv) if spec.qkv else getattr(attn, spec.q)).bias is not None
-    row = hidden + (1 if qkv_bias else 0)
-    head_cost = hd * row + hd * hidden  # q rows + o_proj columns
-    if mode == "group":
-        unit, n_units = g * head_cost + 2 * hd * row, d["n_kv"]
-    else:
-        unit, n_units = d["n_kv"] * head_cost, g  # one head from every group
-    up = getattr(mlp, spec.gate_up) if spec.gate_up else getattr(mlp, spec.up)
-    chan = 2 * (hidden + (1 if up.bias is not None else 0)) + hidden
-    return unit, n_units, chan
+        Pure: compares the plan with the model's family and dims only, so it runs before any forward pass.
+        """
+        if model_type != self.model_type:
+            raise AmpPruneError(f"the plan was made for a {self.model_type} model, this model is {model_type}; "
+                                "replay a plan on the model it was made for")
+        if dims != self.dims:
+            raise AmpPruneError(f"plan was made for a model with {self.dims}, this model has {dims}")
+        if len(self.layers) != dims["n_layers"]:
+            raise AmpPruneError(f"plan lists {len(self.layers)} blocks, the model has {dims['n_layers']}")
+        dropped = set(self.removed_layers)
+        if any(not 0 <= b < dims["n_layers"] for b in dropped) or len(dropped) >= dims["n_layers"]:
+            raise AmpPruneError(f"plan removes blocks {sorted(dropped)}; the model has {dims['n_layers']}")
+        shapes = {_kept_shape(lp, dims) for lp in self.layers if lp.layer not in dropped}
+        if len(shapes) != 1:
+            raise AmpPruneError(f"plan gives blocks different shapes {sorted(shapes)}; HF configs need uniform blocks")
+        return shapes.pop()
 
 
-def effective_mode(model: nn.Module, spec: ArchSpec, mode: str) -> str:
-    """Heads mode needs groups of >= 2 query heads; MHA (one head per group) uses group mode."""
-    if mode not in GQA_MODES:
-        raise AmpPruneError(f"unknown GQA mode '{mode}': choose one of {', '.join(GQA_MODES)}")
-    d = spec.dims(model.config)
-    return "group" if d["n_heads"] == d["n_kv"] else mode
+def kept(n: int, removed: list[int]) -> list[int]:
+    """``range(n)`` without ``removed``."""
+    gone = set(removed)
+    return [i for i in range(n) if i not in gone]
 
 
-def compute_budget(model: nn.Module, spec: ArchSpec, ratio: float, mode: str) -> Budget:
-    """Per-block counts that remove about ``ratio`` of all parameters."""
-    d = spec.dims(model.config)
-    total = count_params(model)
-    unit, n_units, chan = _unit_costs(model, spec, mode)
-    n_layers = d["n_layers"]
-    target = ratio * total
-    prunable = n_layers * ((n_units - 1) * unit + (d["intermediate"] - 1) * chan)
-    if target > prunable:
-        raise AmpPruneError(f"ratio {ratio} asks for {target / 1e6:.1f}M parameters but the blocks can give at most "
-                            f"{prunable / 1e6:.1f}M ({prunable / total:.2f} of the model); lower --ratio")
-    p = target / (n_layers * (n_units * unit + d["intermediate"] * chan))  # uniform share of every unit type
-    best: tuple | None = None
-    for k in {min(math.floor(p * n_units), n_units - 1), min(math.ceil(p * n_units), n_units - 1)}:
-        m = min(max(round((target - n_layers * k * unit) / (n_layers * chan)), 0), d["intermediate"] - 1)
-        err = abs(n_layers * (k * unit + m * chan) - target)
-        key = (err > 0.005 * total, abs(k - p * n_units), err)  # on budget first, then closest to uniform
-        if best is None or key < best[0]:
-            best = (key, k, m)
-    _, k, m = best
-    return Budget(attn_units=k, channels=m, expected_removed=n_layers * (k * unit + m * chan), total_params=total)
-
-
-def _lowest(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` smallest scores (stable: ties go to the lower index)."""
-    if k <= 0:
-        return []
-    order = torch.sort(scores.float(), stable=True).indices
-    return sorted(order[:k].tolist())
-
-
-def make_plan(model: nn.Module, spec: ArchSpec, scores: list[LayerScores], budget: Budget, *, mode: str,
-              criterion: str, ratio: float) -> PrunePlan:
-    """Pick the lowest-scoring units of every block according to ``budget``."""
-    d = spec.dims(model.config)
+def _kept_shape(lp: LayerPlan, d: dict[str, int]) -> tuple[int, int, int]:
     g = d["n_heads"] // d["n_kv"]
-    layers = []
-    for i, s in enumerate(scores):
-        lp = LayerPlan(layer=i, channels=_lowest(s.channels, budget.channels))
-        if mode == "group":
-            group_scores = s.heads.view(d["n_kv"], g).sum(1)  # [n_kv]
-            lp.kv_heads = _lowest(group_scores, budget.attn_units)
-            lp.heads = sorted(h for kv in lp.kv_heads for h in range(kv * g, (kv + 1) * g))
-        else:
-            per_group = s.heads.view(d["n_kv"], g)
-            lp.heads = sorted(kv * g + j for kv in range(d["n_kv"]) for j in _lowest(per_group[kv], budget.attn_units))
-        layers.append(lp)
-    return PrunePlan(model_type=model.config.model_type, dims=d, gqa_mode=mode, criterion=criterion,
-                     target_ratio=ratio, layers=layers)
+    for name, idx, n in (("heads", lp.heads, d["n_heads"]), ("kv_heads", lp.kv_heads, d["n_kv"]),
+                         ("channels", lp.channels, d["intermediate"])):
+        if len(set(idx)) != len(idx) or any(not 0 <= i < n for i in idx):
+            raise AmpPruneError(f"plan layer {lp.layer}: invalid {name} indices for a block with {n}")
+    kept_heads = set(kept(d["n_heads"], lp.heads))
+    kept_kv = kept(d["n_kv"], lp.kv_heads)
+    per_group = {kv: sum(1 for h in kept_heads if h // g == kv) for kv in range(d["n_kv"])}
+    if any(per_group[kv] for kv in lp.kv_heads):
+        raise AmpPruneError(f"plan layer {lp.layer}: removes a KV head but keeps query heads that read it")
+    counts = {per_group[kv] for kv in kept_kv}
+    if len(counts) != 1 or 0 in counts:
+        raise AmpPruneError(f"plan layer {lp.layer}: kept KV groups must keep the same number (>=1) of query heads")
+    return len(kept_heads), len(kept_kv), d["intermediate"] - len(lp.channels)

@@ -46,7 +46,7 @@ def main() -> None:
             load("adult", "sex", data_dir=SHARED_DATA, limit=args.adult_limit)]
     dense = load_model(args.model, device="cpu")
     models = [("dense", dense.model)]
-    pruned = prune(PruneConfig(model=args.model, ratio=args.ratio, num_samples=32, seq_len=256, eval_samples=0,
+    pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, num_samples=32, seq_len=256, eval_samples=0,
                                progress=False), save=False)
     models.append((f"AMP {args.ratio}", pruned.model))
     rows, reports = [], []

@@ -21,13 +21,15 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json, wikitext_text  # noqa: E402
 
-from amp_prune.calibration import build_batches  # noqa: E402
-from amp_prune.criteria import ScoreContext, amp_scores  # noqa: E402
-from amp_prune.evaluation import perplexity, text_windows  # noqa: E402
-from amp_prune.hybrid import hybrid_search  # noqa: E402
-from amp_prune.layer_drop import DepthSearch, drop_blocks, random_blocks, search_blocks  # noqa: E402
-from amp_prune.modelio import load_model, resolve_device  # noqa: E402
-from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.width.criteria import ScoreContext, amp_scores  # noqa: E402
+from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
+from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
+from amp_prune.depth.search import DepthSearch, plan_depth, random_blocks
+from amp_prune.surgery import remove_blocks  # noqa: E402
+from amp_prune.io.load import load_model, resolve_device  # noqa: E402
+from amp_prune.width.budget import compute_budget, count_params
+from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
 
 
@@ -37,7 +39,7 @@ def speed(args, lm, calib, device) -> list[dict]:
     for n in args.layer_counts:
         model = copy.deepcopy(lm.model)
         if n < n_total:
-            drop_blocks(model, lm.spec, list(range(n, n_total)))
+            remove_blocks(model, lm.spec, list(range(n, n_total)))
         row = {"layers": n}
         for use_cache in (True, False):
             s = DepthSearch(model, lm.spec, calib, device, use_cache=use_cache, progress=False)
@@ -72,15 +74,18 @@ def quality(args, lm, calib, device) -> list[dict]:
     for crit, rep in [("cka", "token"), ("cka", "pooled"), ("angular", "pooled"), ("bi", "pooled"), ("kl", "pooled"),
                       ("consensus", "pooled")]:
         model, t = copy.deepcopy(dense), time.perf_counter()
-        removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion=crit,
-                                   representation=rep, progress=False)
-        record(f"{crit} ({rep})" if crit in ("cka", "consensus") else crit, model, t, str(removed))
+        plan = plan_depth(model, lm.spec, calib, args.blocks, device=device, criterion=crit, representation=rep,
+                          progress=False)
+        apply_plan(model, plan, lm.spec)
+        record(f"{crit} ({rep})" if crit in ("cka", "consensus") else crit, model, t, str(plan.removed_layers))
     model, t = copy.deepcopy(dense), time.perf_counter()
-    removed, _ = search_blocks(model, lm.spec, calib, args.blocks, device=device, criterion="cka", iterative=False,
-                               progress=False)
-    record("cka (pooled) one-shot", model, t, str(removed))
-    t = time.perf_counter()
-    model, plan = hybrid_search(copy.deepcopy(dense), lm.spec, calib, ratio, device=device, progress=False)
+    plan = plan_depth(model, lm.spec, calib, args.blocks, device=device, criterion="cka", iterative=False,
+                      progress=False)
+    apply_plan(model, plan, lm.spec)
+    record("cka (pooled) one-shot", model, t, str(plan.removed_layers))
+    model, t = copy.deepcopy(dense), time.perf_counter()
+    plan = plan_hybrid(model, lm.spec, calib, ratio, device=device, progress=False)
+    apply_plan(model, plan, lm.spec)
     d = lm.spec.dims(model.config)
     record("hybrid (pooled)", model, t, f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
     model, t = copy.deepcopy(dense), time.perf_counter()
@@ -92,7 +97,7 @@ def quality(args, lm, calib, device) -> list[dict]:
     rand = []
     for seed in range(args.random_trials):
         model = copy.deepcopy(dense)
-        drop_blocks(model, lm.spec, random_blocks(len(lm.spec.get_layers(dense)), args.blocks, seed))
+        remove_blocks(model, lm.spec, random_blocks(len(lm.spec.get_layers(dense)), args.blocks, seed))
         rand.append(perplexity(model, lm.spec, wiki, device))
     rows.append({"method": f"random blocks (mean of {args.random_trials})", "removed": rows[1]["removed"],
                  "wikitext2 ppl": statistics.mean(rand), "blocks / shape": f"min {min(rand):.1f}, max {max(rand):.1f}"})

@@ -24,10 +24,11 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json, wikitext_text  # noqa: E402
 
-from amp_prune.criteria import ScoreContext, random_scores  # noqa: E402
-from amp_prune.layer_drop import drop_blocks  # noqa: E402
-from amp_prune.modelio import load_model, resolve_device, resolve_dtype  # noqa: E402
-from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.width.criteria import ScoreContext, random_scores  # noqa: E402
+from amp_prune.surgery import remove_blocks  # noqa: E402
+from amp_prune.io.load import load_model, resolve_device, resolve_dtype  # noqa: E402
+from amp_prune.width.budget import compute_budget, count_params
+from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
 
 
@@ -94,7 +95,7 @@ def main() -> None:
                                     mode="group", criterion="random", ratio=ratio), lm.spec)
         depth = copy.deepcopy(dense)
         k = max(1, round(ratio * total / per_block))
-        drop_blocks(depth, lm.spec, sorted({round(i * n_layers / k) for i in range(k)}))
+        remove_blocks(depth, lm.spec, sorted({round(i * n_layers / k) for i in range(k)}))
         for name, model in ((f"width {ratio}", width), (f"depth {ratio} ({k} blocks)", depth)):
             rows.append({"model": name, "params": count_params(model), **speeds(model, prompts, args, device)})
             print(rows[-1], flush=True)

@@ -20,11 +20,12 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure, print_table, save_json  # noqa: E402
 
-from amp_prune.calibration import build_batches  # noqa: E402
-from amp_prune.criteria import ScoreContext, get_criterion  # noqa: E402
-from amp_prune.export import export  # noqa: E402
-from amp_prune.modelio import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
-from amp_prune.plan import compute_budget, make_plan  # noqa: E402
+from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.width.criteria import ScoreContext, get_criterion  # noqa: E402
+from amp_prune.io.export import export  # noqa: E402
+from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
+from amp_prune.width.budget import compute_budget
+from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
 
 
@@ -33,7 +34,7 @@ def random_llama3_8b(device: torch.device, dtype: torch.dtype, layers: int) -> L
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig
 
     from amp_prune.arch import get_spec
-    from amp_prune.modelio import demo_model_dir
+    from amp_prune.io.load import demo_model_dir
     cfg = LlamaConfig(hidden_size=4096, intermediate_size=14336, num_attention_heads=32, num_key_value_heads=8,
                       num_hidden_layers=layers, vocab_size=128256, max_position_embeddings=8192,
                       rope_parameters={"rope_type": "default", "rope_theta": 500000.0}, tie_word_embeddings=False)

@@ -29,15 +29,17 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, replace_section  # noqa: E402
 
-from amp_prune.calibration import build_batches  # noqa: E402
-from amp_prune.criteria import ScoreContext, get_criterion  # noqa: E402
-from amp_prune.hybrid import hybrid_search  # noqa: E402
-from amp_prune.layer_drop import drop_blocks, search_blocks  # noqa: E402
-from amp_prune.local_tasks import FIVE  # noqa: E402
-from amp_prune.modelio import load_model, resolve_device  # noqa: E402
-from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.width.criteria import ScoreContext, get_criterion  # noqa: E402
+from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
+from amp_prune.depth.search import plan_depth
+from amp_prune.surgery import remove_blocks  # noqa: E402
+from amp_prune.eval.local_tasks import FIVE  # noqa: E402
+from amp_prune.io.load import load_model, resolve_device  # noqa: E402
+from amp_prune.width.budget import compute_budget, count_params
+from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
-from amp_prune.zeroshot import evaluate_model  # noqa: E402
+from amp_prune.eval.harness import evaluate_model  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 WIDTH = ("amp", "wanda_sp", "magnitude", "random")
@@ -110,19 +112,19 @@ def main() -> None:
         elif method in DEPTH:
             blocks = {r: max(1, round(r * total / per_block)) for r in todo}
             t = time.perf_counter()
-            _, steps = search_blocks(copy.deepcopy(dense), lm.spec, depth_calib, max(blocks.values()), device=device,
-                                     criterion=method, progress=False)
+            steps = plan_depth(dense, lm.spec, depth_calib, max(blocks.values()), device=device, criterion=method,
+                               progress=False).steps
             search_s = time.perf_counter() - t
             order = [b for s in steps for b in s.removed]  # iterative greedy: a prefix is the search for fewer blocks
             for ratio in todo:
                 model = copy.deepcopy(dense)
-                drop_blocks(model, lm.spec, sorted(order[:blocks[ratio]]))
+                remove_blocks(model, lm.spec, sorted(order[:blocks[ratio]]))
                 record(method, ratio, model, search_s * blocks[ratio] / max(blocks.values()))
         elif method == "hybrid":
             for ratio in todo:
                 t = time.perf_counter()
-                model, _ = hybrid_search(copy.deepcopy(dense), lm.spec, depth_calib, ratio, device=device,
-                                         progress=False)
+                model = copy.deepcopy(dense)
+                apply_plan(model, plan_hybrid(model, lm.spec, depth_calib, ratio, device=device, progress=False), lm.spec)
                 record("hybrid", ratio, model, time.perf_counter() - t)
         else:
             raise SystemExit(f"unknown method {method}")

@@ -21,10 +21,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, save_json, wikitext_text  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
-from amp_prune.evaluation import perplexity, text_windows  # noqa: E402
-from amp_prune.finetune import FinetuneConfig, finetune  # noqa: E402
-from amp_prune.local_tasks import FIVE  # noqa: E402
-from amp_prune.zeroshot import evaluate_model  # noqa: E402
+from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
+from amp_prune.config import FinetuneConfig
+from amp_prune.recover.finetune import finetune  # noqa: E402
+from amp_prune.eval.local_tasks import FIVE  # noqa: E402
+from amp_prune.eval.harness import evaluate_model  # noqa: E402
 
 
 def measure(path: str, args) -> tuple[float, float | None]:
@@ -52,7 +53,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        pruned = prune(PruneConfig(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0, progress=False))
+        pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0, progress=False))
         t = time.perf_counter()
         s = finetune(FinetuneConfig(model=pruned.out, data="builtin:c4", out=f"{tmp}/r", steps=args.steps,
                                     batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, progress=False))

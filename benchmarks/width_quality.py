@@ -19,11 +19,13 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json, wikitext_text  # noqa: E402
 
-from amp_prune.calibration import build_batches  # noqa: E402
-from amp_prune.criteria import CRITERIA, ScoreContext, get_criterion  # noqa: E402
-from amp_prune.evaluation import perplexity, text_windows  # noqa: E402
-from amp_prune.modelio import load_model, resolve_device  # noqa: E402
-from amp_prune.plan import compute_budget, count_params, make_plan  # noqa: E402
+from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.config import CRITERIA
+from amp_prune.width.criteria import ScoreContext, get_criterion  # noqa: E402
+from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
+from amp_prune.io.load import load_model, resolve_device  # noqa: E402
+from amp_prune.width.budget import compute_budget, count_params
+from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
 
 

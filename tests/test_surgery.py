@@ -10,9 +10,11 @@ from conftest import FAMILIES, random_batches
 from tiny import tiny_model
 
 from amp_prune.arch import get_spec
-from amp_prune.criteria import ScoreContext, get_criterion
+from amp_prune.width.criteria import ScoreContext, get_criterion
 from amp_prune.errors import AmpPruneError
-from amp_prune.plan import LayerPlan, PrunePlan, compute_budget, count_params, effective_mode, make_plan
+from amp_prune.plan import LayerPlan, PrunePlan
+from amp_prune.width.budget import compute_budget, count_params, effective_mode
+from amp_prune.width.planner import make_plan
 from amp_prune.surgery import apply_plan
 
 CPU = torch.device("cpu")

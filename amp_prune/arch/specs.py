@@ -1,13 +1,17 @@
 """Architecture specs: where the prunable projections of each model family live.
 
-Every other module asks an :class:`ArchSpec` for modules and config fields instead of
-hard-coding names such as ``q_proj`` or ``intermediate_size``.
+Every other module asks an :class:`ArchSpec` for modules, weight slices and config fields
+instead of hard-coding names such as ``q_proj`` or ``intermediate_size``. Fused families
+(Phi-3) keep ``[q | k | v]`` rows in one ``qkv_proj`` and ``[gate | up]`` rows in one
+``gate_up_proj``; the methods below hide that difference from scoring, budgeting, surgery
+and fine-tuning.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 
+import torch
 from torch import nn
 
 from amp_prune.errors import AmpPruneError
@@ -15,11 +19,7 @@ from amp_prune.errors import AmpPruneError
 
 @dataclass(frozen=True)
 class ArchSpec:
-    """Names of the modules and config fields of one decoder-only family.
-
-    Unfused families name ``q/k/v`` and ``gate/up``; fused ones (Phi-3) name ``qkv`` and
-    ``gate_up`` instead, with rows laid out ``[q | k | v]`` and ``[gate | up]``.
-    """
+    """Names of the modules and config fields of one decoder-only family."""
 
     model_types: tuple[str, ...]
     layers: str = "model.layers"
@@ -38,12 +38,16 @@ class ArchSpec:
     up: str | None = "up_proj"
     gate_up: str | None = None
     down: str = "down_proj"
+    # module attributes that cache a shape and must follow the surgery
+    attn_attrs: tuple[str, ...] = ("num_key_value_groups", "head_dim")
+    mlp_attrs: tuple[str, ...] = ("intermediate_size",)
     # config field names
     n_heads_field: str = "num_attention_heads"
     n_kv_field: str = "num_key_value_heads"
     head_dim_field: str = "head_dim"
     inter_field: str = "intermediate_size"
     n_layers_field: str = "num_hidden_layers"
+    per_layer_fields: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
 
     # ---- module access -------------------------------------------------------------
     def get_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -51,19 +55,59 @@ class ArchSpec:
         return _get(model, self.layers)
 
     def attention(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.attn)
+        return _get(layer, self.attn)
 
     def mlp_module(self, layer: nn.Module) -> nn.Module:
-        return getattr(layer, self.mlp)
+        return _get(layer, self.mlp)
 
     def o_proj(self, layer: nn.Module) -> nn.Linear:
-        return getattr(self.attention(layer), self.o)
+        return _get(self.attention(layer), self.o)
 
     def down_proj(self, layer: nn.Module) -> nn.Linear:
-        return getattr(self.mlp_module(layer), self.down)
+        return _get(self.mlp_module(layer), self.down)
 
     def submodule(self, model: nn.Module, dotted: str) -> nn.Module:
         return _get(model, dotted)
+
+    def projection_names(self) -> list[str]:
+        """Every attention and MLP projection (LoRA targets): q/k/v or qkv, o, gate/up or gate_up, down."""
+        names = [self.qkv] if self.qkv else [self.q, self.k, self.v]
+        return names + [self.o] + ([self.gate_up] if self.gate_up else [self.gate, self.up]) + [self.down]
+
+    # ---- layout of the rows a unit owns ------------------------------------------------
+    def query_weight(self, attn: nn.Module, d: dict[str, int]) -> torch.Tensor:
+        """The query rows ``[n_heads*head_dim, hidden]`` (a view into ``qkv_proj`` for fused families)."""
+        if self.qkv:
+            return _get(attn, self.qkv).weight[: d["n_heads"] * d["head_dim"]]
+        return _get(attn, self.q).weight
+
+    def qkv_has_bias(self, attn: nn.Module) -> bool:
+        return _get(attn, self.qkv or self.q).bias is not None
+
+    def gate_up_weights(self, mlp: nn.Module, d: dict[str, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Gate and up rows, each ``[intermediate, hidden]``."""
+        if self.gate_up:
+            w = _get(mlp, self.gate_up).weight
+            return w[: d["intermediate"]], w[d["intermediate"]:]
+        return _get(mlp, self.gate).weight, _get(mlp, self.up).weight
+
+    def up_has_bias(self, mlp: nn.Module) -> bool:
+        return _get(mlp, self.gate_up or self.up).bias is not None
+
+    def qkv_rows(self, attn: nn.Module, d: dict[str, int], q_rows: torch.Tensor,
+                 kv_rows: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+        """(projection, output rows to keep) for q, k and v, given the kept query and KV rows."""
+        if self.qkv:
+            q_len, kv_len = d["n_heads"] * d["head_dim"], d["n_kv"] * d["head_dim"]
+            return [(_get(attn, self.qkv), torch.cat([q_rows, q_len + kv_rows, q_len + kv_len + kv_rows]))]
+        return [(_get(attn, self.q), q_rows), (_get(attn, self.k), kv_rows), (_get(attn, self.v), kv_rows)]
+
+    def gate_up_rows(self, mlp: nn.Module, d: dict[str, int],
+                     channels: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
+        """(projection, output rows to keep) for gate and up, given the kept channels."""
+        if self.gate_up:
+            return [(_get(mlp, self.gate_up), torch.cat([channels, d["intermediate"] + channels]))]
+        return [(_get(mlp, self.gate), channels), (_get(mlp, self.up), channels)]
 
     # ---- shapes ----------------------------------------------------------------------
     def dims(self, config) -> dict[str, int]:
@@ -80,16 +124,56 @@ class ArchSpec:
             "n_layers": int(getattr(config, self.n_layers_field)),
         }
 
+    def set_width(self, config, n_heads: int, n_kv: int, head_dim: int, intermediate: int) -> None:
+        """Write the per-block shape into ``config`` (``head_dim`` explicitly: it no longer follows from hidden)."""
+        setattr(config, self.n_heads_field, n_heads)
+        setattr(config, self.n_kv_field, n_kv)
+        setattr(config, self.head_dim_field, head_dim)
+        setattr(config, self.inter_field, intermediate)
+
+    def keep_blocks(self, model: nn.Module, kept: list[int]) -> None:
+        """Keep only blocks ``kept`` (current indexing, ascending) and update every per-block fact together.
+
+        That is the ``ModuleList``, each block's and attention's ``layer_idx`` (the KV cache is indexed by it),
+        the per-layer config lists (``layer_types``; transformers 5 validates their length) and
+        ``num_hidden_layers``. Called by surgery only.
+        """
+        layers = self.get_layers(model)
+        old_n = len(layers)
+        new = nn.ModuleList([layers[i] for i in kept])
+        parent, _, attr = self.layers.rpartition(".")
+        setattr(_get(model, parent) if parent else model, attr, new)
+        for j, layer in enumerate(new):
+            attn = self.attention(layer)
+            if "layer_idx" not in vars(attn):
+                raise AmpPruneError(f"{type(attn).__name__} has no layer_idx; block removal cannot renumber the KV "
+                                    "cache of this transformers version; please report it")
+            attn.layer_idx = j
+            if "layer_idx" in vars(layer):  # some families keep a copy on the block too
+                layer.layer_idx = j
+        cfg = model.config
+        for name in self.per_layer_fields:
+            value = getattr(cfg, name, None)
+            if isinstance(value, list) and len(value) == old_n:
+                setattr(cfg, name, [value[i] for i in kept])
+        setattr(cfg, self.n_layers_field, len(new))
+
 
 def _get(root: nn.Module, dotted: str) -> nn.Module:
+    """``root.a.b.c`` for ``dotted = "a.b.c"``, or a one-line error naming the missing attribute."""
     mod = root
     for part in dotted.split("."):
-        mod = getattr(mod, part)
+        try:
+            mod = getattr(mod, part)
+        except AttributeError:
+            raise AmpPruneError(f"{type(root).__name__} has no '{dotted}' ('{part}' is missing): the model does not "
+                                "have the layout its architecture spec expects; please report it") from None
     return mod
 
 
 _LLAMA_LIKE = ArchSpec(model_types=("llama", "mistral", "qwen2", "qwen3"))
-_PHI3 = ArchSpec(model_types=("phi3",), q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj")
+_PHI3 = ArchSpec(model_types=("phi3",), q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj",
+                 attn_attrs=("num_key_value_groups", "num_key_value_heads", "head_dim"), mlp_attrs=())
 
 _SPECS: dict[str, ArchSpec] = {t: s for s in (_LLAMA_LIKE, _PHI3) for t in s.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_SPECS))

@@ -1,0 +1,1 @@
+"""Depth pruning: representation similarity (CKA ...), the block search, and the width-or-depth hybrid."""

@@ -1,0 +1,175 @@
+"""Hybrid width + depth pruning.
+
+Each step builds two candidates of about equal cost from the current model:
+
+- A (depth): skip the block whose removal keeps the final representation most similar
+  (linear CKA) to the unpruned model's;
+- B (width): an AMP width step, uniform over the remaining blocks, removing about one
+  block's worth of parameters;
+
+and keeps the candidate whose representation is more similar (CKA) to the current model,
+its parent. It stops once the parameter budget is met; a last, exact width step fills any
+remainder smaller than a block. Every removal is tracked in the original indexing, so the
+result is one :class:`PrunePlan` (width plan + removed blocks) that replays on a fresh model.
+
+The search never changes the caller's model. It works on one private copy, which it shrinks
+step by step through :func:`apply_plan`; a width candidate is scored on that copy with the
+candidate's units masked (their ``o_proj`` / ``down_proj`` input columns zeroed, which computes
+exactly what removing them computes), so no candidate copy is made.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from amp_prune.arch import ArchSpec
+from amp_prune.calib.blockwise import MaskRef
+from amp_prune.calib.data import Batch
+from amp_prune.depth.search import DepthSearch, choose
+from amp_prune.errors import AmpPruneError
+from amp_prune.plan import HybridStep, LayerPlan, PrunePlan
+from amp_prune.surgery import apply_plan
+from amp_prune.width.budget import compute_budget, count_params, effective_mode
+from amp_prune.width.criteria import ScoreContext, amp_scores
+from amp_prune.width.planner import make_plan
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class _Tracker:
+    """Original indices of what every original block still has."""
+
+    orig_layers: list[int]
+    heads: dict[int, list[int]]
+    kv: dict[int, list[int]]
+    channels: dict[int, list[int]]
+
+    @classmethod
+    def start(cls, d: dict[str, int]) -> _Tracker:
+        n = d["n_layers"]
+        return cls(list(range(n)), {i: list(range(d["n_heads"])) for i in range(n)},
+                   {i: list(range(d["n_kv"])) for i in range(n)}, {i: list(range(d["intermediate"])) for i in range(n)})
+
+    def width(self, plan: PrunePlan) -> None:
+        for lp in plan.layers:
+            o = self.orig_layers[lp.layer]
+            for store, gone in ((self.heads, lp.heads), (self.kv, lp.kv_heads), (self.channels, lp.channels)):
+                drop = set(gone)
+                store[o] = [u for j, u in enumerate(store[o]) if j not in drop]
+
+    def depth(self, current_index: int) -> int:
+        return self.orig_layers.pop(current_index)
+
+    def plan(self, d: dict[str, int], model_type: str, mode: str, ratio: float, steps: list[HybridStep]) -> PrunePlan:
+        layers = []
+        for o in range(d["n_layers"]):
+            layers.append(LayerPlan(layer=o, heads=sorted(set(range(d["n_heads"])) - set(self.heads[o])),
+                                    kv_heads=sorted(set(range(d["n_kv"])) - set(self.kv[o])),
+                                    channels=sorted(set(range(d["intermediate"])) - set(self.channels[o]))))
+        removed = sorted(set(range(d["n_layers"])) - set(self.orig_layers))
+        return PrunePlan(model_type=model_type, dims=d, gqa_mode=mode, criterion="amp+cka", target_ratio=ratio,
+                         layers=layers, removed_layers=removed, method="hybrid", steps=steps)
+
+
+def _width_plan(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_params: float, mode: str,
+                ctx: ScoreContext) -> PrunePlan | None:
+    """An AMP plan removing about ``n_params`` from ``model``, uniformly; ``None`` if nothing fits."""
+    try:
+        budget = compute_budget(model, spec, n_params / count_params(model), mode)
+    except AmpPruneError:
+        return None
+    if budget.expected_removed == 0:
+        return None
+    scores = amp_scores(model, spec, batches, ctx)
+    return make_plan(model, spec, scores, budget, mode=mode, criterion="amp", ratio=n_params / count_params(model))
+
+
+def masked_representation(search: DepthSearch, plan: PrunePlan) -> list[torch.Tensor]:
+    """Final representation of ``search.model`` with the width units of ``plan`` masked out.
+
+    Head ``h`` contributes to the block output only through columns ``h*hd:(h+1)*hd`` of ``o_proj``,
+    channel ``j`` only through column ``j`` of ``down_proj``: zeroing those inputs equals removing the units.
+    """
+    d = search.spec.dims(search.model.config)
+    hd = d["head_dim"]
+
+    def layer_context(i: int, layer: nn.Module, _ref: MaskRef):
+        lp = plan.layers[i]
+        o_proj, down = search.spec.o_proj(layer), search.spec.down_proj(layer)
+        heads = torch.ones(d["n_heads"] * hd, dtype=o_proj.weight.dtype, device=o_proj.weight.device)
+        for h in lp.heads:
+            heads[h * hd:(h + 1) * hd] = 0
+        chans = torch.ones(d["intermediate"], dtype=down.weight.dtype, device=down.weight.device)
+        chans[lp.channels] = 0
+        stack = contextlib.ExitStack()
+        stack.callback(o_proj.register_forward_pre_hook(lambda _m, args: (args[0] * heads,)).remove)
+        stack.callback(down.register_forward_pre_hook(lambda _m, args: (args[0] * chans,)).remove)
+        return stack
+
+    cache = search.prefix_pass(layer_context=layer_context)
+    return search.represent(cache[max(cache)])
+
+
+def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: float, *, device: torch.device,
+                gqa_mode: str = "group", representation: str = "pooled", seed: int = 0,
+                progress: bool = True) -> PrunePlan:
+    """Plan the removal of about ``ratio`` of ``model``'s parameters by width and depth steps; ``model`` is untouched."""
+    d0 = spec.dims(model.config)
+    mode = effective_mode(model, spec, gqa_mode)
+    total = count_params(model)
+    target = ratio * total
+    ctx = ScoreContext(device=device, seed=seed, progress=False)
+    tracker = _Tracker.start(d0)
+    ref_search = DepthSearch(model, spec, batches, device, representation=representation, progress=progress)
+    ref_search.set_reference(ref_search.prefix_pass())
+    reference = ref_search.ref
+    work = copy.deepcopy(model)  # private: the caller's model changes only when the pipeline applies the plan
+    steps: list[HybridStep] = []
+    bar = tqdm(total=round(ratio * 100, 1), desc="hybrid pruning (% removed)", disable=not progress, unit="%")
+    while True:
+        left = target - (total - count_params(work))
+        if left <= 0.001 * total:
+            break
+        search = DepthSearch(work, spec, batches, device, representation=representation, progress=progress)
+        search.ref = reference
+        cache = search.prefix_pass()
+        parent = search.represent(cache[max(cache)])
+        block_params = count_params(spec.get_layers(work)[0])
+        step = HybridStep(step=len(steps), params=count_params(work))
+        if left < block_params or len(spec.get_layers(work)) <= 1:  # last, exact width step
+            width = _width_plan(work, spec, batches, left, mode, ctx)
+            if width is None:
+                break
+            apply_plan(work, width, spec)
+            tracker.width(width)
+            step.choice, step.final = "width", True
+        else:
+            scores = search.score(cache, ("cka",), parent=parent, desc=f"step {len(steps) + 1}: depth candidates")
+            best = choose(scores, "cka")[0]
+            width = _width_plan(work, spec, batches, block_params, mode, ctx)
+            step.cka_depth = scores["cka_parent"][best]
+            step.cka_width = float("-inf") if width is None else search.cka_to(parent, masked_representation(search, width))
+            step.depth_block, step.candidates, step.metrics = tracker.orig_layers[best], list(tracker.orig_layers), scores
+            if step.cka_depth >= step.cka_width:
+                apply_plan(work, PrunePlan.blocks_only(work.config.model_type, spec.dims(work.config), [best],
+                                                       criterion="cka", target_ratio=0.0), spec)
+                step.choice, step.removed_block = "depth", tracker.depth(best)
+            else:
+                apply_plan(work, width, spec)
+                tracker.width(width)
+                step.choice = "width"
+        step.removed_params = step.params - count_params(work)
+        steps.append(step)
+        log.info("hybrid step %d: %s", step.step, step.choice)
+        bar.n = round(100 * (total - count_params(work)) / total, 1)
+        bar.refresh()
+    bar.close()
+    return tracker.plan(d0, model.config.model_type, mode, ratio, steps)

@@ -1,0 +1,1 @@
+"""Evaluation: perplexity (held-out chunks, WikiText-2), lm-eval zero-shot (harness), offline task configs."""

@@ -1,0 +1,200 @@
+"""Zero-shot accuracy through lm-eval and WikiText-2 perplexity, on a model already in memory.
+
+``evaluate_model`` wraps the loaded model in lm-eval's ``HFLM`` (so a pruned model is evaluated
+without being saved first), runs the tasks zero-shot, and returns a flat, JSON-ready dict::
+
+    {"tasks": {"piqa": {"acc": .., "acc_stderr": .., "acc_norm": .., "acc_norm_stderr": .., "n": ..}, ..},
+     "avg5": .., "avg5_acc": .., "wikitext2": {"ppl": .., "protocol": ..}, "settings": {..}}
+
+``avg5`` is the mean over PIQA, HellaSwag, WinoGrande, ARC-e and ARC-c of ``acc_norm`` where the
+task has it (all but WinoGrande) and ``acc`` otherwise, the convention of LLM-Pruner and FLAP;
+``avg5_acc`` uses plain ``acc`` everywhere. Both need all five tasks.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from amp_prune.config import PPL_DATASETS
+from amp_prune.errors import AmpPruneError
+from amp_prune.eval.local_tasks import FIVE, SEVEN, TASKS, build_local_task, check_files
+from amp_prune.eval.perplexity import WIKITEXT_ROWS, wikitext2_perplexity
+from amp_prune.io.files import versions
+
+log = logging.getLogger(__name__)
+
+
+def parse_tasks(spec: str | list[str] | None) -> list[str]:
+    """``"piqa, arc_easy"`` -> ``["piqa", "arc_easy"]``; ``five``/``seven`` expand; duplicates dropped."""
+    if spec is None:
+        return []
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    out: list[str] = []
+    for item in (x.strip() for x in items):
+        for name in {"five": FIVE, "seven": SEVEN}.get(item, (item,) if item else ()):
+            if name not in out:
+                out.append(name)
+    return out
+
+
+def split_eval_spec(spec: str) -> tuple[list[str], str | None]:
+    """``"five,wikitext2"`` -> (the five lm-eval tasks, "wikitext2"): perplexity names ride along with tasks."""
+    names = parse_tasks(spec)
+    ppl = next((n for n in names if n in PPL_DATASETS), None)
+    tasks = [n for n in names if n not in PPL_DATASETS]
+    if not tasks and ppl is None:
+        raise AmpPruneError(f"--eval got no task names ('{spec}'); e.g. --eval five,wikitext2")
+    return tasks, ppl
+
+
+def data_dir_default() -> str | None:
+    """``$AMP_PRUNE_DATA_DIR`` when set: where ``--data-dir`` points unless given."""
+    return os.environ.get("AMP_PRUNE_DATA_DIR") or None
+
+
+def check_data(tasks: list[str], ppl: str | None, data_dir: str | None) -> None:
+    """Fail early (before any model is loaded) on unknown tasks or missing local files."""
+    if ppl is not None and ppl not in PPL_DATASETS:
+        raise AmpPruneError(f"unknown perplexity dataset '{ppl}': available is {', '.join(PPL_DATASETS)}")
+    if data_dir is None:
+        return
+    for name in tasks:
+        check_files(name, data_dir)
+    if ppl is not None and not (Path(data_dir) / WIKITEXT_ROWS).is_file():
+        raise AmpPruneError(f"missing data file for wikitext2: expected {Path(data_dir) / WIKITEXT_ROWS} "
+                            "(see shared/data/SOURCES.md)")
+
+
+def _quiet_lm_eval(verbose: bool) -> None:
+    if not verbose:
+        logging.getLogger("lm_eval").setLevel(logging.ERROR)
+
+
+def check_stock_names(names: list[str]) -> None:
+    """Unknown lm-eval task names are a one-line error with close matches (reads lm-eval's task index only)."""
+    from lm_eval.tasks import TaskManager
+
+    known = TaskManager().all_tasks
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        import difflib
+        close = sorted({m for n in unknown for m in difflib.get_close_matches(n, known, n=3)})
+        raise AmpPruneError(f"unknown lm-eval task(s) {', '.join(unknown)}"
+                            + (f" (did you mean {', '.join(close)}?)" if close else "")
+                            + f"; `lm-eval ls tasks` lists all {len(known)}; offline, --data-dir "
+                              f"supports {', '.join(TASKS)}")
+
+
+def check_tasks(tasks: list[str], ppl: str | None, data_dir: str | None) -> None:
+    """Everything about an evaluation request that can fail, checked before any model is loaded."""
+    check_data(tasks, ppl, data_dir)
+    if tasks and data_dir is None:
+        check_stock_names(tasks)
+
+
+def _build_tasks(names: list[str], data_dir: str | None) -> list:
+    """Task objects (local, from ``data_dir``) or names for lm-eval's own loader (stock, downloads)."""
+    if data_dir is not None:
+        return [build_local_task(n, data_dir) for n in names]
+    from lm_eval.tasks import TaskManager
+
+    check_stock_names(names)
+    manager = TaskManager()
+    tasks = []
+    for n in names:
+        try:
+            tasks.extend(manager.load([n])["tasks"].values())
+        except Exception as e:  # noqa: BLE001 - datasets raises many types for a failed download
+            raise AmpPruneError(f"could not load the data of lm-eval task '{n}' ({type(e).__name__}); offline, pass "
+                                f"--data-dir DIR with local copies (the layout of shared/data)") from None
+    return tasks
+
+
+def _lm(model, tokenizer, batch_size: int, progress: bool):
+    """lm-eval's ``HFLM`` around the model in memory; its progress bar follows ``progress``."""
+    from lm_eval.models.huggingface import HFLM
+
+    class _HFLM(HFLM):
+        def loglikelihood(self, requests, disable_tqdm: bool = False):
+            return super().loglikelihood(requests, disable_tqdm=disable_tqdm or not progress)
+
+    return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
+
+
+def parse_results(raw: dict) -> dict[str, dict]:
+    """lm-eval's ``results`` ("acc,none" keys) -> ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``."""
+    out = {}
+    for task, metrics in raw["results"].items():
+        row = {}
+        for key, value in metrics.items():
+            name, _, filt = key.partition(",")
+            if filt == "none" and isinstance(value, (int, float)) and not isinstance(value, bool):
+                row[name] = float(value)
+        n = raw.get("n-samples", {}).get(task, {})
+        row["n"] = int(n.get("effective", 0))
+        out[task] = row
+    return out
+
+
+def average5(tasks: dict[str, dict], metric: str = "primary") -> float | None:
+    """Mean over the five tasks; ``primary`` = acc_norm where present, else acc. None unless all five ran."""
+    if not all(t in tasks for t in FIVE):
+        return None
+    def pick(row):
+        return row.get("acc_norm", row["acc"]) if metric == "primary" else row[metric]
+    return sum(pick(tasks[t]) for t in FIVE) / len(FIVE)
+
+
+def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: torch.device | None = None,
+                   data_dir: str | None = None, limit: int | None = None, batch_size: int = 8,
+                   ppl: str | None = None, ppl_seq_len: int | None = None, ppl_max_windows: int | None = None,
+                   seed: int = 0, progress: bool = True, verbose: bool = False) -> dict:
+    """Zero-shot ``tasks`` through lm-eval and, if ``ppl`` is given, WikiText-2 perplexity."""
+    if limit is not None and limit < 1:
+        raise AmpPruneError(f"--limit must be a positive number of examples per task (got {limit})")
+    if ppl_max_windows is not None and ppl_max_windows < 1:
+        raise AmpPruneError(f"--ppl-windows must be a positive number of windows (got {ppl_max_windows})")
+    if batch_size < 1:
+        raise AmpPruneError(f"--batch-size must be >= 1 (got {batch_size})")
+    check_data(tasks, ppl, data_dir)
+    if not tasks and ppl is None:
+        raise AmpPruneError("nothing to evaluate: give --tasks and/or --ppl wikitext2")
+    device = device or next(model.parameters()).device
+    out: dict = {"tasks": {}, "avg5": None, "avg5_acc": None,
+                 "settings": {"tasks": tasks, "limit": limit, "num_fewshot": 0, "batch_size": batch_size,
+                              "data": f"local copies in {data_dir}" if data_dir else "lm-eval stock datasets (hub)",
+                              "seed": seed, "lm_eval": versions(("lm_eval",))["lm_eval"]}}
+    if tasks:
+        _quiet_lm_eval(verbose)
+        built = _build_tasks(tasks, data_dir)  # all data errors surface before the model runs
+        import lm_eval.evaluator
+
+        was_training = model.training
+        model.eval()
+        try:
+            lm = _lm(model, tokenizer, batch_size, progress)
+            # lm-eval runs `git describe` in the working directory for its log; outside a repo that prints
+            # "fatal: not a git repository" to the terminal, so it is skipped (the hash is not used here)
+            with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None, create=True):
+                raw = lm_eval.evaluator.simple_evaluate(
+                    model=lm, tasks=built, num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=1000,
+                    random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
+        finally:
+            model.train(was_training)
+        out["tasks"] = parse_results(raw)
+        out["avg5"] = average5(out["tasks"])
+        out["avg5_acc"] = average5(out["tasks"], "acc")
+    if ppl is not None:
+        if spec is None:
+            from amp_prune.arch import get_spec
+            spec = get_spec(model.config.model_type)
+        out["wikitext2"] = wikitext2_perplexity(model, tokenizer, spec, device, data_dir=data_dir, seq_len=ppl_seq_len,
+                                                max_windows=ppl_max_windows, progress=progress)
+    return out
+
+

@@ -1,0 +1,53 @@
+"""The model card (``README.md``) of an output dir: YAML header, what was removed, the numbers, how to load it.
+
+The tables inside come from :mod:`amp_prune.report`, the same renderers the CLI prints.
+"""
+
+from __future__ import annotations
+
+from amp_prune import report
+
+
+def _load_section(name: str) -> list[str]:
+    return ["## Load", "", "No custom code and no `trust_remote_code` are needed:", "",
+            "```python", "from transformers import AutoModelForCausalLM, AutoTokenizer, pipeline",
+            f'model = AutoModelForCausalLM.from_pretrained("{name}")', f'tok = AutoTokenizer.from_pretrained("{name}")',
+            f'pipe = pipeline("text-generation", model="{name}")', "```", ""]
+
+
+def model_card(s: dict, max_abs_diff: float) -> str:
+    """Card of a pruned model from the run summary ``s`` and the export check's max |logit difference|."""
+    name = s.get("name", "path/to/this/dir")
+    lines = [
+        "---", "library_name: transformers", "tags: [pruned, amp-prune]", "---", "",
+        f"# {name}", "",
+        f"Structurally pruned from `{s['source']}` by amp-prune ({s['method']}).", "",
+        report.markdown_table(["", "before", "after"], report.summary_rows(s)), "",
+        (f"Target ratio {s['target_ratio']:.3f}, achieved " if s.get("target_ratio") is not None else "Achieved ")
+        + f"{s['achieved_ratio']:.4f} of all parameters removed."
+        + (f" Removed blocks (original indexing): {s['removed_layers']}." if s.get("removed_layers") else ""),
+        f"Perplexity: {s.get('ppl_protocol') or 'not measured'}.", "",
+        f"The export was reloaded with plain `from_pretrained`; max |logit difference| = {max_abs_diff:.2e}.",
+    ]
+    if s.get("eval"):
+        lines += ["", "## Evaluation (dense vs pruned, same settings)", "",
+                  report.markdown_side_by_side(s["eval"]["dense"], s["eval"]["pruned"])]
+    if s.get("bias_check"):
+        lines += ["", "## Fairness check (bias_probe, dense vs pruned)", "", report.markdown_bias_comparison(s["bias_check"])]
+    lines += ["", *_load_section(name),
+              "`pruning_plan.json` lists the removed heads, KV groups and channels per block (original indexing)",
+              "and replays on the original model with `amp_prune.apply_plan`; `run.json` records the config,",
+              "seed, package versions and timings.", ""]
+    return "\n".join(lines)
+
+
+def finetune_card(s: dict, c) -> str:
+    """Card of a recovered model from the fine-tuning summary ``s`` and its ``FinetuneConfig`` ``c``."""
+    return "\n".join([
+        "---", "library_name: transformers", "tags: [pruned, amp-prune, lora-recovered]", "---", "",
+        f"# {s['name']}", "", f"`{s['source']}` after LoRA recovery by amp-prune, merged into the base weights.", "",
+        f"- data: `{c.data}` ({s['data_kind']}), {s['train_examples']} training examples, {s['steps']} steps of "
+        f"{c.batch_size} x {c.grad_accum} sequences of <= {c.seq_len} tokens",
+        f"- LoRA r={c.lora_r}, alpha={c.lora_alpha}, dropout={c.lora_dropout}, lr={c.lr} (linear schedule)",
+        f"- held-out perplexity ({s['heldout_examples']} examples not trained on): {s['ppl_before']:.2f} -> "
+        f"{s['ppl_after']:.2f}", "", *_load_section(s["name"])])

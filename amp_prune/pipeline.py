@@ -1,0 +1,339 @@
+"""``prune(config)``: load -> check -> calibrate -> plan -> apply -> measure -> export, one call per stage.
+
+Every check that needs only the config, the input files or the loaded model runs before the
+first forward pass: an impossible ratio, an out-of-range ``--layers``, a plan made for another
+model, unknown eval tasks, missing data files and a bad bias dataset are refused in seconds.
+Every method is a planner (see :data:`PLANNERS`): it returns a :class:`PrunePlan` and leaves
+the model alone; :func:`apply_plan` is the only step that changes it.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from amp_prune.arch import ArchSpec
+from amp_prune.calib.data import Batch, build_batches, check_source
+from amp_prune.config import PruneConfig
+from amp_prune.depth.hybrid import plan_hybrid
+from amp_prune.depth.search import plan_depth
+from amp_prune.errors import AmpPruneError
+from amp_prune.eval.harness import check_tasks, evaluate_model, split_eval_spec
+from amp_prune.eval.perplexity import perplexity
+from amp_prune.io.card import model_card
+from amp_prune.io.export import check_out_dir, export
+from amp_prune.io.files import peak_rss_mb, versions, write_json
+from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype
+from amp_prune.plan import PrunePlan
+from amp_prune.report import plot_steps
+from amp_prune.surgery import apply_plan
+from amp_prune.width.budget import compute_budget, count_params, effective_mode, unit_costs
+from amp_prune.width.criteria import ScoreContext
+from amp_prune.width.planner import plan_width
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class PruneResult:
+    """The pruned in-memory model and what the run measured."""
+
+    model: torch.nn.Module
+    tokenizer: object
+    plan: PrunePlan
+    summary: dict
+    out: str | None
+    timings: dict[str, float] = field(default_factory=dict)
+
+
+@dataclass
+class Inputs:
+    """What the check stage read from disk (no model needed): the replayed plan, eval request, bias items."""
+
+    plan: PrunePlan | None = None
+    eval_kwargs: dict | None = None
+    bias_data: object | None = None
+
+
+@dataclass
+class Job:
+    """A request known to be feasible for the loaded model: what the planners need besides the model and data."""
+
+    config: PruneConfig
+    spec: ArchSpec
+    device: torch.device
+    mode: str  # the GQA mode in effect (MHA models use group)
+    n_blocks: int | None = None  # blocks to drop (cka)
+    notes: list[str] = field(default_factory=list)
+
+    def ctx(self) -> ScoreContext:
+        return ScoreContext(device=self.device, seed=self.config.calib.seed, progress=self.config.runtime.progress)
+
+
+@dataclass
+class Measures:
+    """Perplexity, lm-eval results and bias report of one model (dense or pruned)."""
+
+    ppl: float | None = None
+    eval: dict | None = None
+    bias: dict | None = None
+
+
+# ---- planners: one per method, each (model, calibration batches, job) -> PrunePlan ------------------
+def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
+    c = job.config
+    return plan_width(model, job.spec, calib, ratio=c.ratio, mode=job.mode, criterion=c.width.criterion, ctx=job.ctx())
+
+
+def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
+    c = job.config
+    return plan_depth(model, job.spec, calib, job.n_blocks, device=job.device, criterion=c.depth.layer_criterion,
+                      iterative=not c.depth.one_shot, representation=c.depth.representation, ratio=c.ratio,
+                      progress=c.runtime.progress)
+
+
+def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
+    c = job.config
+    return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
+                       representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress)
+
+
+PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {
+    "width": _plan_width, "cka": _plan_cka, "hybrid": _plan_hybrid}
+
+
+# ---- stages --------------------------------------------------------------------------------------------
+def check_inputs(config: PruneConfig) -> Inputs:
+    """Read and check every input file and name the run will need, before any model is loaded."""
+    c = config
+    check_source(c.calib.calib)
+    if c.calib.eval_text is not None:
+        check_source(c.calib.eval_text, "--eval-text")
+    inputs = Inputs()
+    if c.plan is not None:
+        if not Path(c.plan).is_file():
+            raise AmpPruneError(f"plan file not found: {c.plan}")
+        inputs.plan = PrunePlan.load(c.plan)
+    if c.eval.eval_tasks is not None:
+        tasks, ppl = split_eval_spec(c.eval.eval_tasks)
+        check_tasks(tasks, ppl, c.eval.data_dir)
+        inputs.eval_kwargs = {"tasks": tasks, "ppl": ppl, "data_dir": c.eval.data_dir, "limit": c.eval.eval_limit,
+                              "ppl_max_windows": c.eval.ppl_windows, "batch_size": c.calib.batch_size,
+                              "seed": c.calib.seed, "progress": c.runtime.progress}
+    if c.bias.bias_check is not None:
+        from bias_probe import BiasProbeError, load
+        from bias_probe.probe import small_groups
+        dataset, _, attribute = c.bias.bias_check.partition(":")
+        try:  # loaded once here, so the dense and the pruned model see the same sample
+            inputs.bias_data = load(dataset, attribute or None, data_dir=c.eval.data_dir, limit=c.bias.bias_limit,
+                                    seed=c.calib.seed)
+            if inputs.bias_data.kind == "binary":
+                small_groups([it.group for it in inputs.bias_data.items], 10)
+        except BiasProbeError as e:
+            raise AmpPruneError(f"--bias-check: {e}") from None
+    return inputs
+
+
+def _placement(model: torch.nn.Module, device: torch.device, offload: bool) -> torch.device:
+    """Keep the model on the GPU if it fits in 80% of free memory; otherwise run block by block from CPU."""
+    if offload:
+        return torch.device("cpu")
+    need = sum(p.numel() * p.element_size() for p in model.parameters())
+    free, _ = torch.cuda.mem_get_info(device)
+    if need > 0.8 * free:
+        log.warning("model needs %.1f GiB but %s has %.1f GiB free: keeping it in CPU memory and moving one block "
+                    "at a time (as --offload)", need / 2**30, device, free / 2**30)
+        return torch.device("cpu")
+    return device
+
+
+def load(config: PruneConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
+    """Load MODEL; on a GPU, into CPU memory first, then onto the GPU if it fits (else block by block)."""
+    loaded = load_model(config.model, device=torch.device("cpu") if device.type == "cuda" else device, dtype=dtype)
+    if device.type == "cuda":
+        loaded.model.to(_placement(loaded.model, device, config.runtime.offload))
+    return loaded
+
+
+def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device: torch.device) -> Job:
+    """Refuse a request this model cannot satisfy (cheap arithmetic on its shapes, no forward pass)."""
+    model, spec = loaded.model, loaded.spec
+    dims = spec.dims(model.config)
+    job = Job(config=config, spec=spec, device=device, mode=effective_mode(model, spec, config.width.gqa_mode))
+    if inputs.plan is not None:
+        inputs.plan.check(model.config.model_type, dims)
+        return job
+    if job.mode != config.width.gqa_mode and config.method != "cka":
+        job.notes.append("the model has one query head per KV head (MHA): using --gqa-mode group")
+    total, n = count_params(model), dims["n_layers"]
+    block = count_params(spec.get_layers(model)[0])
+    if config.method == "width":
+        compute_budget(model, spec, config.ratio, job.mode)
+    elif config.method == "cka":
+        if config.depth.layers is not None:
+            job.n_blocks = config.depth.layers
+            if not 0 < job.n_blocks < n:
+                raise AmpPruneError(f"--layers must be between 1 and {n - 1} for a model with {n} blocks "
+                                    f"(got {job.n_blocks})")
+        else:
+            want = round(config.ratio * total / block)
+            if want > n - 1:
+                raise AmpPruneError(f"--ratio {config.ratio} with --method cka asks for {want} blocks but at most "
+                                    f"{n - 1} of {n} can be dropped (ratio <= {(n - 1) * block / total:.2f}); "
+                                    "lower --ratio or use --method hybrid")
+            job.n_blocks = max(want, 1)
+            job.notes.append(f"--ratio {config.ratio} with --method cka: dropping {job.n_blocks} of {n} blocks "
+                             f"(one block is {block / total:.2%} of the parameters)")
+    else:
+        unit, n_units, chan = unit_costs(model, spec, job.mode)
+        most = (n - 1) * block + (n_units - 1) * unit + (dims["intermediate"] - 1) * chan
+        if config.ratio * total > most:
+            raise AmpPruneError(f"--ratio {config.ratio} asks for {config.ratio * total / 1e6:.1f}M parameters but "
+                                f"dropping {n - 1} blocks and narrowing the last can give at most {most / 1e6:.1f}M "
+                                f"({most / total:.2f} of the model); lower --ratio")
+    return job
+
+
+def calibrate(config: PruneConfig, tokenizer) -> tuple[list[Batch], list[Batch]]:
+    """Calibration batches and held-out batches (see :func:`build_batches`)."""
+    c = config.calib
+    return build_batches(tokenizer, c.calib, num_samples=c.num_samples, seq_len=c.seq_len, batch_size=c.batch_size,
+                         seed=c.seed, eval_samples=c.eval_samples, field=c.calib_field, config=c.calib_config,
+                         split=c.calib_split, eval_text=c.eval_text)
+
+
+def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inputs: Inputs, config: PruneConfig,
+            device: torch.device, label: str, timings: dict[str, float]) -> Measures:
+    """Held-out perplexity, and the requested evaluation and bias check, of ``model`` (``label``: dense/pruned)."""
+    m = Measures()
+    if held:
+        m.ppl = perplexity(model, loaded.spec, held, device, progress=config.runtime.progress,
+                           desc=f"perplexity ({label})")
+    if inputs.eval_kwargs is not None:
+        t = time.perf_counter()
+        m.eval = evaluate_model(model, loaded.tokenizer, spec=loaded.spec, device=device, **inputs.eval_kwargs)
+        timings[f"eval_{label}_s"] = time.perf_counter() - t
+    if inputs.bias_data is not None:
+        from bias_probe import run_probe
+        t = time.perf_counter()
+        m.bias, _ = run_probe(model, loaded.tokenizer, inputs.bias_data, batch_size=config.calib.batch_size,
+                              progress=config.runtime.progress)
+        timings[f"bias_{label}_s"] = time.perf_counter() - t
+    return m
+
+
+def describe(config: PruneConfig, plan: PrunePlan) -> str:
+    """One phrase for the method, as the summary and the card show it."""
+    if plan.method == "cka":
+        return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
+                f"({'one-shot' if config.depth.one_shot else 'iterative'}, {config.depth.representation} "
+                "representation)")
+    if plan.method == "hybrid":
+        return f"hybrid width+depth (AMP + CKA), gqa_mode={plan.gqa_mode}"
+    return f"width, criterion={plan.criterion}, gqa_mode={plan.gqa_mode}"
+
+
+def _shape(model: torch.nn.Module, spec: ArchSpec) -> dict:
+    d = spec.dims(model.config)
+    return {"params": count_params(model), "layers": d["n_layers"], "heads": d["n_heads"], "kv": d["n_kv"],
+            "channels": d["intermediate"]}
+
+
+def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, after: dict, dense: Measures,
+              pruned: Measures, held: list[Batch], notes: list[str]) -> dict:
+    """The run summary: shapes before/after, achieved ratio, perplexities, and the side-by-side results."""
+    c = config.calib
+    s = {"name": out.rstrip("/").split("/")[-1], "source": config.model, "method": describe(config, plan),
+         "target_ratio": plan.target_ratio if config.plan else config.target_ratio, "notes": notes,
+         "removed_layers": plan.removed_layers, "achieved_ratio": 1 - after["params"] / before["params"],
+         "ppl_before": dense.ppl if dense.ppl is not None else float("nan"),
+         "ppl_after": pruned.ppl if pruned.ppl is not None else float("nan"),
+         "ppl_protocol": (f"{sum(b.input_ids.shape[0] for b in held)} held-out chunks of <= {c.seq_len} tokens "
+                          f"from {c.eval_text or c.calib + ' (not used for calibration)'}") if held else None}
+    for key in ("layers", "params", "heads", "kv", "channels"):
+        s[f"{key}_before"], s[f"{key}_after"] = before[key], after[key]
+    if dense.eval is not None:
+        s["eval"] = {"dense": dense.eval, "pruned": pruned.eval}
+    if dense.bias is not None:
+        s["bias_check"] = {"dense": dense.bias, "pruned": pruned.bias}
+    return s
+
+
+def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
+    """Run one pruning job (width, depth or hybrid, or a replayed plan) as described by ``config``.
+
+    Exports to ``config.out`` unless ``save`` is False; returns the pruned model and the summary.
+    """
+    config.validate()
+    t0 = time.perf_counter()
+    timings: dict[str, float] = {}
+    out = config.out or config.default_out()
+    if save:
+        check_out_dir(out, overwrite=config.overwrite, input_path=None)
+    inputs = check_inputs(config)
+    device = resolve_device(config.runtime.device)
+    dtype = resolve_dtype(config.runtime.dtype, device)
+
+    t = time.perf_counter()
+    loaded = load(config, device, dtype)
+    if save:
+        check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
+    job = check_model(config, loaded, inputs, device)
+    timings["load_s"] = time.perf_counter() - t
+    model, spec = loaded.model, loaded.spec
+
+    t = time.perf_counter()
+    calib, held = calibrate(config, loaded.tokenizer)
+    timings["calibration_data_s"] = time.perf_counter() - t
+    before = _shape(model, spec)
+    dense = measure(model, loaded, held, inputs, config, device, "dense", timings)
+
+    plan = inputs.plan
+    if plan is None:
+        t = time.perf_counter()
+        plan = PLANNERS[config.method](model, calib, job)
+        timings["scoring_s" if config.method == "width" else "search_s"] = time.perf_counter() - t
+        if device.type == "cuda":
+            timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+    t = time.perf_counter()
+    apply_plan(model, plan, spec)
+    timings["surgery_s"] = time.perf_counter() - t
+    pruned = measure(model, loaded, held, inputs, config, device, "pruned", timings)
+
+    summary = summarize(config, out, plan, before, _shape(model, spec), dense, pruned, held, job.notes)
+    result = PruneResult(model=model, tokenizer=loaded.tokenizer, plan=plan, summary=summary, out=None, timings=timings)
+    if save:
+        t = time.perf_counter()
+        run_info = {"config": config.to_dict(), "seed": config.calib.seed, "versions": versions(),
+                    "device": str(device), "dtype": str(dtype), "summary": summary, "timings": timings}
+        files = {"pruning_plan.json": plan.to_dict(), "run.json": run_info}
+        if "eval" in summary:
+            files["eval.json"] = summary["eval"]
+        if "bias_check" in summary:
+            files["bias_check.json"] = summary["bias_check"]
+        check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device, spec=spec,
+                       files=files, card=lambda diff: model_card(summary, diff),
+                       writers=[lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else None,
+                       overwrite=config.overwrite, input_path=loaded.path)
+        timings["export_s"] = time.perf_counter() - t
+        summary["export_max_abs_diff"] = check.max_abs_diff
+        summary["exported_class"] = check.exported_class
+        result.out = str(check_out_dir(out, overwrite=True))
+    timings["total_s"] = time.perf_counter() - t0
+    timings["peak_rss_mb"] = peak_rss_mb()
+    if result.out:
+        _finish_run_json(Path(result.out) / "run.json", timings=timings, summary=summary)
+    return result
+
+
+def _finish_run_json(path: Path, **updates) -> None:
+    """Add the final timings and export figures to ``run.json`` (known only after the export), atomically."""
+    import json
+    data = json.loads(path.read_text())
+    data.update(updates)
+    write_json(path, data)

@@ -1,0 +1,1 @@
+"""Width pruning: unit scores (criteria/), the per-block budget, and the planner."""

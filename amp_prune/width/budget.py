@@ -1,0 +1,84 @@
+"""The width budget: how many attention units and MLP channels every block loses.
+
+Budget (the AMP reference): remove ``ratio`` of *all* model parameters (embeddings
+included in the denominator), spread uniformly over the blocks. Every block loses the same
+number of attention units (whole KV groups, or query heads evenly within each group) and
+the same number of MLP channels, so the result is expressible by one HF config. The
+attention share is the nearest whole unit count to the uniform share ``p`` of the block
+parameters; the channel count then absorbs the rest of the budget exactly:
+
+    p = ratio * P_total / (L * (n_units * c_unit + I * c_channel))
+    k in {floor(p * n_units), ceil(p * n_units)},  m = round((ratio * P_total - L * k * c_unit) / (L * c_channel))
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from torch import nn
+
+from amp_prune.arch import ArchSpec
+from amp_prune.config import GQA_MODES
+from amp_prune.errors import AmpPruneError
+
+
+@dataclass
+class Budget:
+    """Per-block removal counts. ``attn_units`` is KV groups (group mode) or heads per group (heads mode)."""
+
+    attn_units: int
+    channels: int
+    expected_removed: int
+    total_params: int
+
+
+def count_params(model: nn.Module) -> int:
+    """Unique parameters (tied embeddings count once)."""
+    return sum(p.numel() for p in model.parameters())
+
+
+def unit_costs(model: nn.Module, spec: ArchSpec, mode: str) -> tuple[int, int, int]:
+    """Return (params per attention unit, attention units per block, params per channel)."""
+    d = spec.dims(model.config)
+    layer = spec.get_layers(model)[0]
+    hidden, hd, g = d["hidden"], d["head_dim"], d["n_heads"] // d["n_kv"]
+    row = hidden + (1 if spec.qkv_has_bias(spec.attention(layer)) else 0)
+    head_cost = hd * row + hd * hidden  # q rows + o_proj columns
+    if mode == "group":
+        unit, n_units = g * head_cost + 2 * hd * row, d["n_kv"]
+    else:
+        unit, n_units = d["n_kv"] * head_cost, g  # one head from every group
+    chan = 2 * (hidden + (1 if spec.up_has_bias(spec.mlp_module(layer)) else 0)) + hidden
+    return unit, n_units, chan
+
+
+def effective_mode(model: nn.Module, spec: ArchSpec, mode: str) -> str:
+    """Heads mode needs groups of >= 2 query heads; MHA (one head per group) uses group mode."""
+    if mode not in GQA_MODES:
+        raise AmpPruneError(f"unknown GQA mode '{mode}': choose one of {', '.join(GQA_MODES)}")
+    d = spec.dims(model.config)
+    return "group" if d["n_heads"] == d["n_kv"] else mode
+
+
+def compute_budget(model: nn.Module, spec: ArchSpec, ratio: float, mode: str) -> Budget:
+    """Per-block counts that remove about ``ratio`` of all parameters; a one-line error if they cannot."""
+    d = spec.dims(model.config)
+    total = count_params(model)
+    unit, n_units, chan = unit_costs(model, spec, mode)
+    n_layers = d["n_layers"]
+    target = ratio * total
+    prunable = n_layers * ((n_units - 1) * unit + (d["intermediate"] - 1) * chan)
+    if target > prunable:
+        raise AmpPruneError(f"ratio {ratio} asks for {target / 1e6:.1f}M parameters but the blocks can give at most "
+                            f"{prunable / 1e6:.1f}M ({prunable / total:.2f} of the model); lower --ratio")
+    p = target / (n_layers * (n_units * unit + d["intermediate"] * chan))  # uniform share of every unit type
+    best: tuple | None = None
+    for k in {min(math.floor(p * n_units), n_units - 1), min(math.ceil(p * n_units), n_units - 1)}:
+        m = min(max(round((target - n_layers * k * unit) / (n_layers * chan)), 0), d["intermediate"] - 1)
+        err = abs(n_layers * (k * unit + m * chan) - target)
+        key = (err > 0.005 * total, abs(k - p * n_units), err)  # on budget first, then closest to uniform
+        if best is None or key < best[0]:
+            best = (key, k, m)
+    _, k, m = best
+    return Budget(attn_units=k, channels=m, expected_removed=n_layers * (k * unit + m * chan), total_params=total)

@@ -1,0 +1,31 @@
+"""Scoring criteria. Each is pure: it reads the model and never mutates it.
+
+A criterion is ``fn(model, spec, batches, ctx) -> list[LayerScores]``, one entry per block;
+higher scores mean more important units.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from amp_prune.width.criteria.amp import amp_scores
+from amp_prune.width.criteria.base import LayerScores, ScoreContext
+from amp_prune.width.criteria.magnitude import magnitude_scores
+from amp_prune.width.criteria.random import random_scores
+from amp_prune.width.criteria.wanda_sp import wanda_sp_scores
+from amp_prune.config import CRITERIA
+from amp_prune.errors import AmpPruneError
+
+SCORERS: dict[str, Callable] = {"amp": amp_scores, "magnitude": magnitude_scores, "random": random_scores,
+                                "wanda_sp": wanda_sp_scores}
+
+
+def get_criterion(name: str) -> Callable:
+    """Return the scoring function called ``name``."""
+    if name not in SCORERS:
+        raise AmpPruneError(f"unknown criterion '{name}': choose one of {', '.join(CRITERIA)}")
+    return SCORERS[name]
+
+
+__all__ = ["SCORERS", "LayerScores", "ScoreContext", "get_criterion", "amp_scores", "magnitude_scores",
+           "random_scores", "wanda_sp_scores"]

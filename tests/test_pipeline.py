@@ -1,0 +1,120 @@
+"""The pipeline's stages: every infeasible request is refused before the first forward pass, every method is a
+planner that leaves the model alone, and a normal run raises no warning of ours."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+from conftest import SHARED_DATA
+from tiny import tiny_model
+
+import amp_prune.pipeline as pipeline
+from amp_prune import PLANNERS, PruneConfig, prune
+from amp_prune.calib.blockwise import BlockInputs
+from amp_prune.errors import AmpPruneError
+from amp_prune.io.load import load_model
+
+SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False)
+
+
+@pytest.fixture
+def no_forward(monkeypatch):
+    """Fail the test if any decoder block runs: the request had to be refused before that."""
+    def boom(*_a, **_k):
+        raise AssertionError("a forward pass ran before the request was refused")
+    monkeypatch.setattr(pipeline, "calibrate", boom)
+    monkeypatch.setattr(pipeline, "measure", boom)
+    monkeypatch.setattr(torch.nn.Module, "__call__", boom)
+
+
+@pytest.mark.parametrize("case, match", [
+    (dict(ratio=0.97), "the blocks can give at most"),
+    (dict(ratio=0.97, method="cka"), "at most 2 of 3 can be dropped"),
+    (dict(method="cka", layers=3), "--layers must be between 1 and 2"),
+    (dict(ratio=0.99, method="hybrid"), "can give at most"),
+    (dict(eval_tasks="piqa,nosuchtask", data_dir=str(SHARED_DATA)), "unknown task 'nosuchtask'"),
+    (dict(eval_tasks="piqa", data_dir="/nonexistent"), "is not a directory"),
+    (dict(bias_check="nosuch"), "--bias-check"),
+    (dict(calib="/nonexistent/calib.txt"), "calibration file not found"),
+    (dict(eval_text="/nonexistent/held.txt"), "--eval-text file not found"),
+])
+def test_infeasible_requests_are_refused_before_any_forward(tiny_dir, tmp_path, case, match, no_forward):
+    d = tiny_dir()
+    if "data_dir" in case and case["data_dir"] == str(SHARED_DATA) and not SHARED_DATA.is_dir():
+        pytest.skip("shared/data is not present")
+    with pytest.raises(AmpPruneError, match=match):
+        prune(PruneConfig.from_flat(model=str(d), out=str(tmp_path / "o"), **{**SMALL, **case}))
+    assert not (tmp_path / "o").exists()
+
+
+def _plan_file(tmp_path, model_dir, **case) -> str:
+    out = tmp_path / "made"
+    prune(PruneConfig.from_flat(model=str(model_dir), out=str(out), **{**SMALL, **case}))
+    return str(out / "pruning_plan.json")
+
+
+def test_a_plan_for_another_model_is_refused_before_any_forward(tiny_dir, tmp_path, monkeypatch):
+    plan = _plan_file(tmp_path, tiny_dir("qwen2"))
+    other = tiny_dir("qwen3")
+    same_type = tmp_path / "wider"  # same family, other dims
+    model = tiny_model("qwen2")
+    model.config.intermediate_size = 80
+    type(model)(model.config).save_pretrained(same_type)
+    (same_type / "tokenizer.json").write_bytes((tiny_dir("qwen2") / "tokenizer.json").read_bytes())
+    for f in ("tokenizer_config.json", "special_tokens_map.json"):
+        if (tiny_dir("qwen2") / f).exists():
+            (same_type / f).write_bytes((tiny_dir("qwen2") / f).read_bytes())
+    monkeypatch.setattr(pipeline, "calibrate", lambda *a, **k: pytest.fail("calibration ran"))
+    with pytest.raises(AmpPruneError, match="made for a qwen2 model, this model is qwen3"):
+        prune(PruneConfig.from_flat(model=str(other), plan=plan, out=str(tmp_path / "o1"), **SMALL))
+    with pytest.raises(AmpPruneError, match="plan was made for a model with"):
+        prune(PruneConfig.from_flat(model=str(same_type), plan=plan, out=str(tmp_path / "o2"), **SMALL))
+
+
+@pytest.mark.parametrize("method, extra", [("width", {}), ("width", {"gqa_mode": "heads"}), ("cka", {"layers": 1}),
+                                           ("cka", {"layers": 1, "layer_criterion": "consensus"}),
+                                           ("hybrid", {"ratio": 0.4})])
+def test_every_planner_returns_a_plan_and_leaves_the_model(tiny_dir, method, extra):
+    lm = load_model(str(tiny_dir()), device="cpu")
+    state = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    cfg = lm.model.config.to_dict()
+    config = PruneConfig.from_flat(model="x", method=method, **{**SMALL, **extra})
+    calib, _ = pipeline.calibrate(config, lm.tokenizer)
+    job = pipeline.check_model(config, lm, pipeline.Inputs(), torch.device("cpu"))
+    plan = PLANNERS[method](lm.model, calib, job)
+    assert plan.method == method and plan.layers
+    now = lm.model.state_dict()
+    assert now.keys() == state.keys() and all(torch.equal(now[k], state[k]) for k in state)
+    assert lm.model.config.to_dict() == cfg
+
+
+def test_a_normal_run_raises_no_warning_of_ours(tiny_dir, tmp_path):
+    """transformers 5 warns when the block runner passes both past_key_values and cache; we pass neither."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for i, method in enumerate(("width", "cka", "hybrid")):
+            prune(PruneConfig.from_flat(model=str(tiny_dir()), method=method, out=str(tmp_path / f"o{i}"),
+                                        **({"layers": 1} if method == "cka" else {}), **SMALL))
+    ours = [w for w in caught if issubclass(w.category, (FutureWarning, DeprecationWarning))]
+    assert not ours, [str(w.message) for w in ours]
+
+
+def test_block_runner_passes_no_cache_arguments(tiny_dir):
+    from amp_prune.calib.blockwise import capture_inputs
+    from amp_prune.calib.data import to_batches
+    lm = load_model(str(tiny_dir()), device="cpu")
+    (inputs,) = capture_inputs(lm.model, lm.spec, to_batches([[5, 6, 7, 8]], 1, 3), torch.device("cpu"))
+    assert isinstance(inputs, BlockInputs)
+    assert not {"cache", "past_key_values", "past_key_value", "use_cache"} & set(inputs.kwargs)
+
+
+def test_run_json_keeps_the_flat_config_keys(tiny_dir, tmp_path):
+    out = tmp_path / "o"
+    prune(PruneConfig.from_flat(model=str(tiny_dir()), out=str(out), **SMALL))
+    run = json.loads((out / "run.json").read_text())
+    flat = run["config"]
+    assert flat["num_samples"] == 4 and flat["criterion"] == "amp" and flat["gqa_mode"] == "group"
+    assert PruneConfig.from_flat(**flat).to_dict() == flat  # the record rebuilds the same config
