@@ -31,7 +31,10 @@ def add_fields(group, cls, *, skip: tuple[str, ...] = ()) -> None:
             continue
         flag = f.metadata.get("flag") or "--" + f.name.replace("_", "-")
         kind = next((a for a in typing.get_args(hints[f.name]) if a is not type(None)), hints[f.name])
-        if kind is bool:
+        if kind is bool and f.metadata.get("negatable"):
+            group.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction, default=field_default(f),
+                               help=f.metadata["help"])
+        elif kind is bool:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             group.add_argument(flag, dest=f.name, action=action, help=f.metadata["help"])
         else:

@@ -24,14 +24,18 @@ GQA_MODES = ("group", "heads")
 LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")
 PPL_DATASETS = ("wikitext2",)
+REFITS = ("none", "onepass", "sequential")
 DEFAULT_SOURCE = "builtin:c4"
 MIN_CHUNK_TOKENS = 16
 
 
 def opt(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-        metavar: str | None = None, factory=None):
-    """A config field with its CLI help; ``flag`` overrides the flag name derived from the field name."""
-    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar}
+        metavar: str | None = None, negatable: bool = False, factory=None):
+    """A config field with its CLI help; ``flag`` overrides the flag name derived from the field name.
+
+    ``negatable`` booleans get both ``--name`` and ``--no-name``.
+    """
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "negatable": negatable}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -77,10 +81,30 @@ class WidthConfig:
     criterion: str = opt("amp", "unit scoring (default %(default)s)", choices=CRITERIA)
     gqa_mode: str = opt("group", "group: remove whole KV groups; heads: remove query heads evenly within groups "
                                  "(default %(default)s)", choices=GQA_MODES)
+    attn_units: str = opt("auto", "attention units removed per block (KV groups in group mode, heads per group in "
+                                  "heads mode), MLP channels taking the rest of the budget; auto tries every feasible "
+                                  "split and keeps the lowest calibration loss; uniform takes the share nearest the "
+                                  "uniform one (the rule before auto) (default %(default)s)",
+                          metavar="auto|uniform|N")
+    refit: str = opt("onepass", "least-squares refit of the kept o_proj/down_proj columns: onepass (dense "
+                                "activations, no extra pass), sequential (inputs from the pruned earlier blocks), "
+                                "or none (default %(default)s)", choices=REFITS)
+    damp: float = opt(0.01, "ridge damping of the refit and the stand-in, as a share of the mean Gram diagonal "
+                            "(default %(default)s)")
 
     def validate(self) -> None:
         _choice(self.criterion, CRITERIA, "--criterion")
         _choice(self.gqa_mode, GQA_MODES, "--gqa-mode")
+        _choice(self.refit, REFITS, "--refit")
+        if self.attn_units not in ("auto", "uniform") and not str(self.attn_units).isdigit():
+            raise AmpPruneError(f"--attn-units must be auto, uniform or a number of units >= 0 (got {self.attn_units})")
+        if isinstance(self.damp, bool) or not isinstance(self.damp, (int, float)) or not 0 <= self.damp < 10:
+            raise AmpPruneError(f"--damp must be a number in [0, 10) (got {self.damp}); e.g. --damp 0.01")
+
+    @property
+    def split(self) -> str | int:
+        """``--attn-units``: "auto", "uniform", or the number of units."""
+        return self.attn_units if self.attn_units in ("auto", "uniform") else int(self.attn_units)
 
 
 @dataclass
@@ -92,6 +116,8 @@ class DepthConfig:
     one_shot: bool = opt(False, "score blocks once and drop the top N (large models)")
     representation: str = opt("pooled", "CKA over per-token states or per-sequence means (default %(default)s)",
                               choices=REPRESENTATIONS)
+    stand_in: bool = opt(True, "replace each span of dropped blocks by a least-squares linear map folded into the "
+                               "previous block's down_proj (default: on)", negatable=True)
 
     def validate(self) -> None:
         _choice(self.layer_criterion, LAYER_CRITERIA, "--layer-criterion")

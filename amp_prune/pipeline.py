@@ -19,7 +19,7 @@ import torch
 
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch, build_batches, check_source
-from amp_prune.config import PruneConfig
+from amp_prune.config import CalibConfig, PruneConfig
 from amp_prune.depth.hybrid import plan_hybrid
 from amp_prune.depth.search import plan_depth
 from amp_prune.errors import AmpPruneError
@@ -30,13 +30,18 @@ from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.files import peak_rss_mb, versions, write_json
 from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype
 from amp_prune.plan import PrunePlan
+from amp_prune.refit import compute_weights
 from amp_prune.report import plot_steps
 from amp_prune.surgery import apply_plan
-from amp_prune.width.budget import compute_budget, count_params, effective_mode, unit_costs
+from amp_prune.width.budget import count_params, effective_mode, unit_costs
 from amp_prune.width.criteria import ScoreContext
-from amp_prune.width.planner import plan_width
+from amp_prune.width.planner import plan_width, split_budgets
 
 log = logging.getLogger(__name__)
+
+# the calibration settings a refit depends on; a plan records them so that a replay recomputes the same weights
+REFIT_CALIB_KEYS = ("calib", "calib_config", "calib_split", "calib_field", "num_samples", "seq_len", "batch_size",
+                    "seed")
 
 
 @dataclass
@@ -87,20 +92,24 @@ class Measures:
 # ---- planners: one per method, each (model, calibration batches, job) -> PrunePlan ------------------
 def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
-    return plan_width(model, job.spec, calib, ratio=c.ratio, mode=job.mode, criterion=c.width.criterion, ctx=job.ctx())
+    return plan_width(model, job.spec, calib, ratio=c.ratio, mode=job.mode, criterion=c.width.criterion, ctx=job.ctx(),
+                      attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
 
 
 def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
-    return plan_depth(model, job.spec, calib, job.n_blocks, device=job.device, criterion=c.depth.layer_criterion,
+    plan = plan_depth(model, job.spec, calib, job.n_blocks, device=job.device, criterion=c.depth.layer_criterion,
                       iterative=not c.depth.one_shot, representation=c.depth.representation, ratio=c.ratio,
                       progress=c.runtime.progress)
+    plan.standin, plan.damp = c.depth.stand_in, c.width.damp if c.depth.stand_in else 0.0
+    return plan
 
 
 def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
     return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
-                       representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress)
+                       representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
+                       attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp)
 
 
 PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {
@@ -119,6 +128,10 @@ def check_inputs(config: PruneConfig) -> Inputs:
         if not Path(c.plan).is_file():
             raise AmpPruneError(f"plan file not found: {c.plan}")
         inputs.plan = PrunePlan.load(c.plan)
+        if inputs.plan.needs_weights:
+            if not inputs.plan.calibration:
+                raise AmpPruneError(f"{c.plan} has a refit or stand-in but no recorded calibration settings")
+            check_source(inputs.plan.calibration["calib"])
     if c.eval.eval_tasks is not None:
         tasks, ppl = split_eval_spec(c.eval.eval_tasks)
         check_tasks(tasks, ppl, c.eval.data_dir)
@@ -173,7 +186,7 @@ def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device
     total, n = count_params(model), dims["n_layers"]
     block = count_params(spec.get_layers(model)[0])
     if config.method == "width":
-        compute_budget(model, spec, config.ratio, job.mode)
+        split_budgets(model, spec, config.ratio, job.mode, config.width.split)
     elif config.method == "cka":
         if config.depth.layers is not None:
             job.n_blocks = config.depth.layers
@@ -199,9 +212,9 @@ def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device
     return job
 
 
-def calibrate(config: PruneConfig, tokenizer) -> tuple[list[Batch], list[Batch]]:
-    """Calibration batches and held-out batches (see :func:`build_batches`)."""
-    c = config.calib
+def calibrate(config: PruneConfig, tokenizer, c: CalibConfig | None = None) -> tuple[list[Batch], list[Batch]]:
+    """Calibration batches and held-out batches (see :func:`build_batches`) of ``c`` (default: the config's)."""
+    c = c or config.calib
     return build_batches(tokenizer, c.calib, num_samples=c.num_samples, seq_len=c.seq_len, batch_size=c.batch_size,
                          seed=c.seed, eval_samples=c.eval_samples, field=c.calib_field, config=c.calib_config,
                          split=c.calib_split, eval_text=c.eval_text)
@@ -229,13 +242,16 @@ def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inpu
 
 def describe(config: PruneConfig, plan: PrunePlan) -> str:
     """One phrase for the method, as the summary and the card show it."""
+    refit = f", refit={plan.refit} (damp {plan.damp})" if plan.refit != "none" else ""
+    standin = ", stand-in for the dropped blocks" if plan.standin else ""
     if plan.method == "cka":
         return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
                 f"({'one-shot' if config.depth.one_shot else 'iterative'}, {config.depth.representation} "
-                "representation)")
+                f"representation){standin}")
     if plan.method == "hybrid":
-        return f"hybrid width+depth (AMP + CKA), gqa_mode={plan.gqa_mode}"
-    return f"width, criterion={plan.criterion}, gqa_mode={plan.gqa_mode}"
+        return f"hybrid width+depth (AMP + CKA), gqa_mode={plan.gqa_mode}{refit}{standin}"
+    units = f", {plan.attn_units} attention units removed per block" if plan.attn_units is not None else ""
+    return f"width, criterion={plan.criterion}, gqa_mode={plan.gqa_mode}{units}{refit}"
 
 
 def _shape(model: torch.nn.Module, spec: ArchSpec) -> dict:
@@ -257,6 +273,8 @@ def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, afte
                           f"from {c.eval_text or c.calib + ' (not used for calibration)'}") if held else None}
     for key in ("layers", "params", "heads", "kv", "channels"):
         s[f"{key}_before"], s[f"{key}_after"] = before[key], after[key]
+    if len(plan.split) > 1:
+        s["split"] = plan.split
     if dense.eval is not None:
         s["eval"] = {"dense": dense.eval, "pruned": pruned.eval}
     if dense.bias is not None:
@@ -300,6 +318,18 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
         timings["scoring_s" if config.method == "width" else "search_s"] = time.perf_counter() - t
         if device.type == "cuda":
             timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
+        plan.calibration = {k: v for k, v in config.to_dict().items() if k in REFIT_CALIB_KEYS}
+    if plan.needs_weights and plan.weights is None:
+        t = time.perf_counter()
+        refit_batches = calib
+        if inputs.plan is not None:
+            recorded = CalibConfig(**{**config.calib.__dict__, **plan.calibration})
+            if recorded != config.calib:
+                job.notes.append(f"the plan's refit/stand-in is recomputed with its recorded calibration settings "
+                                 f"({', '.join(f'{k}={v}' for k, v in plan.calibration.items())})")
+                refit_batches, _ = calibrate(config, loaded.tokenizer, recorded)
+        plan.weights = compute_weights(model, spec, plan, refit_batches, device, progress=config.runtime.progress)
+        timings["refit_s"] = time.perf_counter() - t
     t = time.perf_counter()
     apply_plan(model, plan, spec)
     timings["surgery_s"] = time.perf_counter() - t

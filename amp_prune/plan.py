@@ -92,6 +92,18 @@ class PrunePlan:
     method: str = "width"  # width | cka | hybrid
     steps: list[Step] = field(default_factory=list)  # the search log of depth/hybrid runs
     version: int = PLAN_VERSION
+    attn_units: int | None = None  # attention units removed per block (KV groups, or heads per group)
+    split: list[dict] = field(default_factory=list)  # every attention/MLP split considered, with its proxy scores
+    refit: str = "none"  # none | onepass | sequential: least-squares refit of the kept o_proj/down_proj columns
+    standin: bool = False  # dropped spans replaced by a linear map folded into the previous down_proj
+    damp: float = 0.0  # ridge damping of the refit and the stand-in
+    calibration: dict | None = None  # the calibration settings the refit used (a replay recomputes it from them)
+    weights: dict | None = field(default=None, repr=False, compare=False)  # in memory only: block -> {o, down}
+
+    @property
+    def needs_weights(self) -> bool:
+        """Whether applying this plan needs refit or stand-in weights (computed from calibration data)."""
+        return self.standin or (self.refit != "none" and any(lp.heads or lp.channels for lp in self.layers))
 
     @classmethod
     def blocks_only(cls, model_type: str, dims: dict[str, int], removed: list[int], **kw) -> PrunePlan:
@@ -101,6 +113,7 @@ class PrunePlan:
 
     def to_dict(self) -> dict:
         d = asdict(self)
+        d.pop("weights")
         d["steps"] = [step_to_dict(s) for s in self.steps]
         return d
 

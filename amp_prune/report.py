@@ -52,6 +52,8 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
     """The final human-readable summary of a pruning run."""
     lines = [text_table(("", "before", "after"), summary_rows(s), widths=14)]
     lines += [f"note: {n}" for n in s.get("notes", [])]
+    if s.get("split"):
+        lines.append(format_split(s["split"]))
     target = f"target {s['target_ratio']:.0%}" if s.get("target_ratio") is not None else s["method"]
     lines.append(f"removed {s['achieved_ratio']:.2%} of all parameters ({target}); "
                  f"wall time {timings.get('total_s', 0):.1f}s, peak RSS {timings.get('peak_rss_mb', 0):.0f} MiB")
@@ -59,6 +61,13 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
         lines.append(f"saved to {out} ({s.get('exported_class')}); reloaded with from_pretrained, "
                      f"logits match (max |diff| {s.get('export_max_abs_diff', 0):.1e})")
     return "\n".join(lines)
+
+
+def format_split(split: list[dict]) -> str:
+    """The attention/MLP splits considered: units removed per block, channels, calibration loss (lower is better)."""
+    cells = [f"{c['attn_units']} units + {c['channels']} channels: loss {c['calib_loss']:.3f}"
+             + (" (chosen)" if c["chosen"] else "") for c in split]
+    return "attention/MLP split per block: " + "; ".join(cells)
 
 
 def step_scores(step: Step, criterion: str) -> list[float] | None:

@@ -47,8 +47,24 @@ def _set_attrs(module: nn.Module, names: tuple[str, ...], values: dict[str, int]
         setattr(module, name, values[name])
 
 
-def prune_block(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, int]) -> None:
-    """Remove the heads, KV heads and channels of ``lp`` from one block (original dims ``d``)."""
+def _set_weight(lin: nn.Linear, w: torch.Tensor | None, what: str) -> None:
+    """Replace ``lin``'s (already shrunk) weight by the refit ``w`` of the same shape."""
+    if w is None:
+        return
+    if tuple(w.shape) != tuple(lin.weight.shape):
+        raise AmpPruneError(f"refit {what} has shape {tuple(w.shape)}, the pruned projection {tuple(lin.weight.shape)}; "
+                            "the weights do not belong to this plan")
+    lin.weight = nn.Parameter(w.to(lin.weight.device, lin.weight.dtype).contiguous(),
+                              requires_grad=lin.weight.requires_grad)
+
+
+def prune_block(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, int],
+                weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Remove the heads, KV heads and channels of ``lp`` from one block (original dims ``d``).
+
+    ``weights`` may hold refit ``o`` ``[hidden, kept q rows]`` and ``down`` ``[hidden, kept channels]`` (and a
+    ``down_bias``) that replace the kept columns once the block is shrunk.
+    """
     hd = d["head_dim"]
     kept_heads, kept_kv = kept(d["n_heads"], lp.heads), kept(d["n_kv"], lp.kv_heads)
     kept_ch = torch.tensor(kept(d["intermediate"], lp.channels), dtype=torch.long)
@@ -63,6 +79,11 @@ def prune_block(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, in
         shrink_linear(lin, keep_out=rows)
     shrink_linear(spec.down_proj(layer), keep_in=kept_ch)
     _set_attrs(mlp, spec.mlp_attrs, {"intermediate_size": len(kept_ch)})
+    weights = weights or {}
+    _set_weight(spec.o_proj(layer), weights.get("o"), f"o_proj of block {lp.layer}")
+    _set_weight(spec.down_proj(layer), weights.get("down"), f"down_proj of block {lp.layer}")
+    if "down_bias" in weights:
+        spec.down_proj(layer).bias = nn.Parameter(weights["down_bias"].to(spec.down_proj(layer).weight))
 
 
 def remove_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> None:
@@ -76,22 +97,30 @@ def remove_blocks(model: nn.Module, spec: ArchSpec, blocks: list[int]) -> None:
     spec.keep_blocks(model, kept(n, sorted(gone)))
 
 
-def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None) -> nn.Module:
+def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None,
+               weights: dict[int, dict[str, torch.Tensor]] | None = None) -> nn.Module:
     """Physically remove what ``plan`` lists from ``model`` (in place) and update its config.
 
     Width removals are applied to every kept block, then the blocks in ``plan.removed_layers``
     are dropped. The model must have the family and shape the plan was made for
     (:meth:`PrunePlan.check`), and every kept block ends with the same head, KV-head and
-    channel counts (one HF config describes them all).
+    channel counts (one HF config describes them all). A plan with a refit or a stand-in also
+    needs its weights (``weights``, else ``plan.weights``): they are computed from calibration
+    data, which ``prune(... plan=FILE)`` and ``amp-prune MODEL --plan FILE`` do.
     """
     spec = spec or get_spec(model.config.model_type)
     d = spec.dims(model.config)
     n_q, n_kv, inter = plan.check(model.config.model_type, d)
+    weights = weights if weights is not None else plan.weights
+    if plan.needs_weights and weights is None:
+        raise AmpPruneError(f"this plan was made with refit={plan.refit}, stand-in={plan.standin}: applying it needs "
+                            "weights computed from calibration data; replay it with `amp-prune MODEL --plan FILE`")
     dropped = set(plan.removed_layers)
     layers = spec.get_layers(model)
     for lp in plan.layers:
-        if lp.layer not in dropped and (lp.heads or lp.kv_heads or lp.channels):
-            prune_block(layers[lp.layer], spec, lp, d)
+        w = (weights or {}).get(lp.layer)
+        if lp.layer not in dropped and (lp.heads or lp.kv_heads or lp.channels or w):
+            prune_block(layers[lp.layer], spec, lp, d, w)
     spec.set_width(model.config, n_q, n_kv, d["head_dim"], inter)
     if dropped:
         remove_blocks(model, spec, sorted(dropped))

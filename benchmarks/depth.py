@@ -1,8 +1,9 @@
 """Depth-pruning benchmarks on SmolLM2 (CPU by default).
 
     python benchmarks/depth.py speed    # time of one removal step vs number of layers, with/without prefix cache
-    python benchmarks/depth.py quality  # WikiText-2 perplexity of each depth criterion, hybrid and AMP width
-                                        # at the parameter budget of --blocks dropped blocks
+    python benchmarks/depth.py quality  # WikiText-2 perplexity of each depth criterion (with and without the
+                                        # stand-in), hybrid and AMP width (with and without the refit) at the
+                                        # parameter budget of --blocks dropped blocks
 
 The speed mode truncates SmolLM2 to its first L blocks, so the per-block cost is constant.
 """
@@ -22,15 +23,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import print_table, save_json, wikitext_text  # noqa: E402
 
 from amp_prune.calib.data import build_batches  # noqa: E402
-from amp_prune.width.criteria import ScoreContext, amp_scores  # noqa: E402
-from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
 from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
-from amp_prune.depth.search import DepthSearch, plan_depth, random_blocks
-from amp_prune.surgery import remove_blocks  # noqa: E402
+from amp_prune.depth.search import DepthSearch, plan_depth, random_blocks  # noqa: E402
+from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
 from amp_prune.io.load import load_model, resolve_device  # noqa: E402
-from amp_prune.width.budget import compute_budget, count_params
-from amp_prune.width.planner import make_plan  # noqa: E402
-from amp_prune.surgery import apply_plan  # noqa: E402
+from amp_prune.refit import compute_weights  # noqa: E402
+from amp_prune.surgery import apply_plan, remove_blocks  # noqa: E402
+from amp_prune.width.budget import count_params  # noqa: E402
+from amp_prune.width.criteria import ScoreContext  # noqa: E402
+from amp_prune.width.planner import plan_width  # noqa: E402
 
 
 def speed(args, lm, calib, device) -> list[dict]:
@@ -59,41 +60,48 @@ def speed(args, lm, calib, device) -> list[dict]:
 
 
 def quality(args, lm, calib, device) -> list[dict]:
+    """Every depth criterion at the budget of ``--blocks`` blocks, with and without the stand-in, beside hybrid and
+    AMP width (each with and without the refit), on the same calibration and WikiText-2 windows."""
     wiki = text_windows(lm.tokenizer, wikitext_text(), args.seq_len, max_windows=args.windows)
     dense = lm.model
     total = count_params(dense)
     ratio = args.blocks * count_params(lm.spec.get_layers(dense)[0]) / total
     rows = [{"method": "dense", "removed": 0.0, "wikitext2 ppl": perplexity(dense, lm.spec, wiki, device)}]
 
-    def record(name, model, t, extra=""):
-        rows.append({"method": name, "removed": 1 - count_params(model) / total, "search s": time.perf_counter() - t,
-                     "wikitext2 ppl": perplexity(model, lm.spec, wiki, device), "blocks / shape": extra})
+    def record(name, plan, search_s, extra=""):
+        t = time.perf_counter()
+        if plan.needs_weights:
+            plan.weights = compute_weights(dense, lm.spec, plan, calib, device, progress=False)
+        refit_s = time.perf_counter() - t
+        model = apply_plan(copy.deepcopy(dense), plan, lm.spec)
+        d = lm.spec.dims(model.config)
+        rows.append({"method": name, "removed": 1 - count_params(model) / total, "search s": search_s,
+                     "refit s": refit_s, "wikitext2 ppl": perplexity(model, lm.spec, wiki, device),
+                     "blocks / shape": extra or f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, "
+                                                 f"{d['intermediate']} ch"})
         print(rows[-1], flush=True)
 
     # representation matters only where CKA is used (cka, consensus, hybrid); angular/bi/kl are per token
-    for crit, rep in [("cka", "token"), ("cka", "pooled"), ("angular", "pooled"), ("bi", "pooled"), ("kl", "pooled"),
-                      ("consensus", "pooled")]:
-        model, t = copy.deepcopy(dense), time.perf_counter()
-        plan = plan_depth(model, lm.spec, calib, args.blocks, device=device, criterion=crit, representation=rep,
-                          progress=False)
-        apply_plan(model, plan, lm.spec)
-        record(f"{crit} ({rep})" if crit in ("cka", "consensus") else crit, model, t, str(plan.removed_layers))
-    model, t = copy.deepcopy(dense), time.perf_counter()
-    plan = plan_depth(model, lm.spec, calib, args.blocks, device=device, criterion="cka", iterative=False,
-                      progress=False)
-    apply_plan(model, plan, lm.spec)
-    record("cka (pooled) one-shot", model, t, str(plan.removed_layers))
-    model, t = copy.deepcopy(dense), time.perf_counter()
-    plan = plan_hybrid(model, lm.spec, calib, ratio, device=device, progress=False)
-    apply_plan(model, plan, lm.spec)
-    d = lm.spec.dims(model.config)
-    record("hybrid (pooled)", model, t, f"{plan.removed_layers}, {d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
-    model, t = copy.deepcopy(dense), time.perf_counter()
-    scores = amp_scores(model, lm.spec, calib, ScoreContext(device, progress=False))
-    apply_plan(model, make_plan(model, lm.spec, scores, compute_budget(model, lm.spec, ratio, "group"), mode="group",
-                                criterion="amp", ratio=ratio))
-    d = lm.spec.dims(model.config)
-    record("amp width", model, t, f"{d['n_heads']}/{d['n_kv']} heads, {d['intermediate']} ch")
+    for crit, rep, one_shot in args.criteria:
+        t = time.perf_counter()
+        plan = plan_depth(dense, lm.spec, calib, args.blocks, device=device, criterion=crit, representation=rep,
+                          iterative=not one_shot, progress=False)
+        search_s = time.perf_counter() - t
+        name = (f"{crit} ({rep})" if crit in ("cka", "consensus") else crit) + (" one-shot" if one_shot else "")
+        for standin in (False, True):
+            plan.standin, plan.damp, plan.weights = standin, args.damp, None
+            record(name + (" + stand-in" if standin else ""), plan, search_s, str(plan.removed_layers))
+    for label, opts in (("", dict(attn_units="uniform", refit="none", standin=False)),
+                        (" + refit + stand-in", dict(attn_units="auto", refit="onepass", standin=True))):
+        t = time.perf_counter()
+        plan = plan_hybrid(dense, lm.spec, calib, ratio, device=device, progress=False, damp=args.damp, **opts)
+        record("hybrid (pooled)" + label, plan, time.perf_counter() - t,
+               "choices " + "".join(st.choice[0] for st in plan.steps))
+    for split, refit in (("uniform", "none"), ("auto", "onepass")):
+        t = time.perf_counter()
+        plan = plan_width(dense, lm.spec, calib, ratio=ratio, mode="group", criterion="amp", attn_units=split,
+                          refit=refit, damp=args.damp, ctx=ScoreContext(device, progress=False))
+        record(f"amp width ({split}, refit {refit})", plan, time.perf_counter() - t)
     rand = []
     for seed in range(args.random_trials):
         model = copy.deepcopy(dense)
@@ -115,9 +123,16 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--random-trials", type=int, default=5)
+    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--all-criteria", action="store_true",
+                    help="also cka per-token, kl and one-shot cka (about 9 more CPU minutes)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json")
     args = ap.parse_args()
+    args.criteria = [("cka", "pooled", False), ("angular", "pooled", False), ("bi", "pooled", False),
+                     ("consensus", "pooled", False)]
+    if args.all_criteria:
+        args.criteria += [("cka", "token", False), ("kl", "pooled", False), ("cka", "pooled", True)]
     device = resolve_device(args.device)
     lm = load_model(args.model, device=device)
     calib, _ = build_batches(lm.tokenizer, num_samples=args.num_samples, seq_len=args.calib_seq_len)
@@ -132,7 +147,7 @@ def main() -> None:
         rows = quality(args, lm, calib, device)
         print(f"\n{args.model}: budget = {args.blocks} blocks; search on {tokens} calibration tokens; WikiText-2 test "
               f"{args.windows} x {args.seq_len} tokens; {where}\n")
-        print_table(rows, ["method", "removed", "wikitext2 ppl", "search s", "blocks / shape"])
+        print_table(rows, ["method", "removed", "wikitext2 ppl", "search s", "refit s", "blocks / shape"])
     save_json(args.json, rows)
 
 

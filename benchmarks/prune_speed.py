@@ -1,4 +1,8 @@
-"""Wall time and peak memory of scoring, surgery and export, separately.
+"""Wall time and peak memory of scoring, the refit, the split search, surgery and export, separately.
+
+The scoring phases all use the planner of the CLI (:func:`plan_width`) on the same batches:
+``scoring`` (uniform split, no refit), ``scoring + one-pass refit`` (the Gram statistics ride in the
+same pass), ``scoring + sequential refit`` and ``scoring + split search + one-pass refit`` (the default).
 
     python benchmarks/prune_speed.py                       # SmolLM2-135M on CPU
     python benchmarks/prune_speed.py --shape llama3-8b --device cuda --dtype bfloat16   # random Llama-3-8B shapes
@@ -21,12 +25,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure, print_table, save_json  # noqa: E402
 
 from amp_prune.calib.data import build_batches  # noqa: E402
-from amp_prune.width.criteria import ScoreContext, get_criterion  # noqa: E402
 from amp_prune.io.export import export  # noqa: E402
 from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype  # noqa: E402
-from amp_prune.width.budget import compute_budget
-from amp_prune.width.planner import make_plan  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
+from amp_prune.width.criteria import ScoreContext  # noqa: E402
+from amp_prune.width.planner import plan_width  # noqa: E402
 
 
 def random_llama3_8b(device: torch.device, dtype: torch.dtype, layers: int) -> LoadedModel:
@@ -56,6 +59,7 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--dtype", default="auto")
     ap.add_argument("--json", help="also write the figures here")
+    ap.add_argument("--skip-variants", action="store_true", help="time only the default (split search + refit)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     dtype = resolve_dtype(args.dtype, device)
@@ -65,10 +69,14 @@ def main() -> None:
                                                                                          dtype=dtype)
     calib, _ = build_batches(lm.tokenizer, num_samples=args.num_samples, seq_len=args.seq_len,
                              batch_size=args.batch_size)
-    with measure(rec, "scoring", device):
-        scores = get_criterion("amp")(lm.model, lm.spec, calib, ScoreContext(device=device, progress=False))
-        plan = make_plan(lm.model, lm.spec, scores, compute_budget(lm.model, lm.spec, args.ratio, "group"),
-                         mode="group", criterion="amp", ratio=args.ratio)
+    ctx = ScoreContext(device=device, progress=False)
+    phases = [("scoring", "uniform", "none"), ("scoring + one-pass refit", "uniform", "onepass"),
+              ("scoring + sequential refit", "uniform", "sequential"),
+              ("scoring + split search + one-pass refit", "auto", "onepass")]
+    for name, split, refit in phases if not args.skip_variants else phases[-1:]:
+        with measure(rec, name, device):
+            plan = plan_width(lm.model, lm.spec, calib, ratio=args.ratio, mode="group", criterion="amp", ctx=ctx,
+                              attn_units=split, refit=refit)
     with measure(rec, "surgery", device):
         apply_plan(lm.model, plan, lm.spec)
     with tempfile.TemporaryDirectory() as tmp, measure(rec, "export", device):
@@ -78,9 +86,12 @@ def main() -> None:
     gpu = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU x{torch.get_num_threads()} threads"
     print(f"\n{name}, {gpu}, {dtype}, calibration {args.num_samples} x {args.seq_len} ({tokens} real tokens), "
           f"ratio {args.ratio}, {time.strftime('%Y-%m-%d')}\n")
+    base = rec.get("scoring", {}).get("wall_s")
     rows = [{"phase": k, "wall s": v["wall_s"], "peak RSS MiB": v["peak_rss_mb"],
+             "vs scoring": f"{v['wall_s'] / base:.2f}x" if base and k.startswith("scoring") else "",
              **({"peak GPU MiB": v["peak_gpu_mb"]} if "peak_gpu_mb" in v else {})} for k, v in rec.items()]
-    print_table(rows, ["phase", "wall s", "peak RSS MiB"] + (["peak GPU MiB"] if device.type == "cuda" else []))
+    print_table(rows, ["phase", "wall s", "vs scoring", "peak RSS MiB"]
+                + (["peak GPU MiB"] if device.type == "cuda" else []))
     save_json(args.json, {"args": vars(args), "phases": rec})
 
 

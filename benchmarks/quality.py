@@ -5,7 +5,8 @@
 
 Methods: the width criteria (amp, magnitude, random, and the Wanda-sp-style |W|*||X|| baseline),
 the depth methods (cka and consensus block dropping, one iterative search whose removal order
-gives every ratio) and hybrid (one search per ratio). Every pruned model and the dense one are
+gives every ratio) and hybrid (one search per ratio), each with the CLI's defaults for the
+attention/MLP split, the refit and the stand-in (``--attn-units``, ``--refit``, ``--stand-in``). Every pruned model and the dense one are
 evaluated with the same settings: lm-eval zero-shot on the five tasks of the usual average
 (first --limit examples of each, local copies in shared/data) and WikiText-2 perplexity on the
 first --ppl-windows windows of 2048 tokens.
@@ -30,16 +31,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, replace_section  # noqa: E402
 
 from amp_prune.calib.data import build_batches  # noqa: E402
-from amp_prune.width.criteria import ScoreContext, get_criterion  # noqa: E402
 from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
-from amp_prune.depth.search import plan_depth
-from amp_prune.surgery import remove_blocks  # noqa: E402
+from amp_prune.depth.search import plan_depth  # noqa: E402
+from amp_prune.eval.harness import evaluate_model  # noqa: E402
 from amp_prune.eval.local_tasks import FIVE  # noqa: E402
 from amp_prune.io.load import load_model, resolve_device  # noqa: E402
-from amp_prune.width.budget import compute_budget, count_params
-from amp_prune.width.planner import make_plan  # noqa: E402
+from amp_prune.plan import PrunePlan  # noqa: E402
+from amp_prune.refit import compute_weights  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
-from amp_prune.eval.harness import evaluate_model  # noqa: E402
+from amp_prune.width.budget import count_params  # noqa: E402
+from amp_prune.width.criteria import ScoreContext  # noqa: E402
+from amp_prune.width.planner import plan_width  # noqa: E402
 
 DOCS = Path(__file__).resolve().parents[1] / "docs"
 WIDTH = ("amp", "wanda_sp", "magnitude", "random")
@@ -72,6 +74,10 @@ def main() -> None:
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json", default="benchmarks/quality.json")
     ap.add_argument("--no-docs", action="store_true", help="do not rewrite docs/results.md and docs/quality.png")
+    ap.add_argument("--attn-units", default="auto", help="width split (default %(default)s, as the CLI)")
+    ap.add_argument("--refit", default="onepass", help="width refit (default %(default)s, as the CLI)")
+    ap.add_argument("--stand-in", action=argparse.BooleanOptionalAction, default=True,
+                    help="depth stand-in (default on, as the CLI)")
     args = ap.parse_args()
     device = resolve_device(args.device)
     lm = load_model(args.model, device=device)
@@ -99,16 +105,13 @@ def main() -> None:
         todo = [r for r in args.ratios if (method, r) not in done]
         if not todo:
             continue
-        if method in WIDTH:
-            t = time.perf_counter()
-            scores = get_criterion(method)(dense, lm.spec, width_calib, ScoreContext(device, progress=False))
-            score_s = time.perf_counter() - t
+        if method in WIDTH:  # the CLI's width planner with its defaults (auto split, one-pass refit)
             for ratio in todo:
-                model = copy.deepcopy(dense)
-                plan = make_plan(model, lm.spec, scores, compute_budget(model, lm.spec, ratio, "group"), mode="group",
-                                 criterion=method, ratio=ratio)
-                apply_plan(model, plan, lm.spec)
-                record(method, ratio, model, score_s)
+                t = time.perf_counter()
+                plan = plan_width(dense, lm.spec, width_calib, ratio=ratio, mode="group", criterion=method,
+                                  ctx=ScoreContext(device, progress=False), attn_units=args.attn_units,
+                                  refit=args.refit)
+                record(method, ratio, apply_plan(copy.deepcopy(dense), plan, lm.spec), time.perf_counter() - t)
         elif method in DEPTH:
             blocks = {r: max(1, round(r * total / per_block)) for r in todo}
             t = time.perf_counter()
@@ -117,15 +120,21 @@ def main() -> None:
             search_s = time.perf_counter() - t
             order = [b for s in steps for b in s.removed]  # iterative greedy: a prefix is the search for fewer blocks
             for ratio in todo:
-                model = copy.deepcopy(dense)
-                remove_blocks(model, lm.spec, sorted(order[:blocks[ratio]]))
+                plan = PrunePlan.blocks_only(dense.config.model_type, lm.spec.dims(dense.config),
+                                             order[:blocks[ratio]], criterion=method, target_ratio=ratio,
+                                             standin=args.stand_in, damp=0.01)
+                if plan.needs_weights:
+                    plan.weights = compute_weights(dense, lm.spec, plan, depth_calib, device, progress=False)
+                model = apply_plan(copy.deepcopy(dense), plan, lm.spec)
                 record(method, ratio, model, search_s * blocks[ratio] / max(blocks.values()))
         elif method == "hybrid":
             for ratio in todo:
                 t = time.perf_counter()
-                model = copy.deepcopy(dense)
-                apply_plan(model, plan_hybrid(model, lm.spec, depth_calib, ratio, device=device, progress=False), lm.spec)
-                record("hybrid", ratio, model, time.perf_counter() - t)
+                plan = plan_hybrid(dense, lm.spec, depth_calib, ratio, device=device, progress=False,
+                                   attn_units=args.attn_units, refit=args.refit, standin=args.stand_in, damp=0.01)
+                if plan.needs_weights:
+                    plan.weights = compute_weights(dense, lm.spec, plan, depth_calib, device, progress=False)
+                record("hybrid", ratio, apply_plan(copy.deepcopy(dense), plan, lm.spec), time.perf_counter() - t)
         else:
             raise SystemExit(f"unknown method {method}")
 

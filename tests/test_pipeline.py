@@ -32,6 +32,7 @@ def no_forward(monkeypatch):
 
 @pytest.mark.parametrize("case, match", [
     (dict(ratio=0.97), "the blocks can give at most"),
+    (dict(ratio=0.2, attn_units="7"), "--attn-units 7 cannot meet"),
     (dict(ratio=0.97, method="cka"), "at most 2 of 3 can be dropped"),
     (dict(method="cka", layers=3), "--layers must be between 1 and 2"),
     (dict(ratio=0.99, method="hybrid"), "can give at most"),

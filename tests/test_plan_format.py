@@ -11,7 +11,7 @@ from test_surgery import logits
 from tiny import tiny_model
 
 from amp_prune.arch import get_spec
-from amp_prune.depth.hybrid import _width_plan, masked_representation
+from amp_prune.depth.hybrid import _width_plan, candidate_representation
 from amp_prune.depth.search import DepthSearch
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import DepthStep, HybridStep, LayerPlan, PrunePlan
@@ -63,9 +63,10 @@ def test_masked_width_candidate_equals_the_pruned_copy():
     """Hybrid scores a width candidate with its units masked instead of removed: the representation must match."""
     model, spec = tiny_model("qwen2", layers=3), get_spec("qwen2")
     batches = random_batches()
-    plan = _width_plan(model, spec, batches, 30_000, "group", ScoreContext(CPU, progress=False))
+    plan = _width_plan(model, spec, batches, 30_000, "group", ScoreContext(CPU, progress=False), attn_units="uniform",
+                       refit="none")
     search = DepthSearch(model, spec, batches, CPU, representation="token", progress=False)
-    masked = masked_representation(search, plan)
+    masked = candidate_representation(search, plan)
     pruned = apply_plan(tiny_model("qwen2", layers=3), plan)
     direct = DepthSearch(pruned, spec, batches, CPU, representation="token", progress=False)
     cache = direct.prefix_pass()

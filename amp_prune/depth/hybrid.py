@@ -13,9 +13,9 @@ remainder smaller than a block. Every removal is tracked in the original indexin
 result is one :class:`PrunePlan` (width plan + removed blocks) that replays on a fresh model.
 
 The search never changes the caller's model. It works on one private copy, which it shrinks
-step by step through :func:`apply_plan`; a width candidate is scored on that copy with the
-candidate's units masked (their ``o_proj`` / ``down_proj`` input columns zeroed, which computes
-exactly what removing them computes), so no candidate copy is made.
+step by step through :func:`apply_plan`; a candidate is scored on that copy through hooks that
+compute ``o_proj`` / ``down_proj`` from the kept columns only (which computes exactly what
+removing the units computes) and skip the dropped block, so no candidate copy is made.
 """
 
 from __future__ import annotations
@@ -35,10 +35,12 @@ from amp_prune.calib.data import Batch
 from amp_prune.depth.search import DepthSearch, choose
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import HybridStep, LayerPlan, PrunePlan
+from amp_prune.refit import compute_weights
 from amp_prune.surgery import apply_plan
 from amp_prune.width.budget import compute_budget, count_params, effective_mode
-from amp_prune.width.criteria import ScoreContext, amp_scores
-from amp_prune.width.planner import make_plan
+from amp_prune.width.criteria import ScoreContext
+from amp_prune.width.planner import plan_width
+from amp_prune.width.sweep import substituted
 
 log = logging.getLogger(__name__)
 
@@ -80,48 +82,62 @@ class _Tracker:
 
 
 def _width_plan(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_params: float, mode: str,
-                ctx: ScoreContext) -> PrunePlan | None:
-    """An AMP plan removing about ``n_params`` from ``model``, uniformly; ``None`` if nothing fits."""
+                ctx: ScoreContext, **opts) -> PrunePlan | None:
+    """An AMP plan removing about ``n_params`` from ``model`` (split and refit as ``opts``); ``None`` if nothing fits."""
+    ratio = n_params / count_params(model)
     try:
-        budget = compute_budget(model, spec, n_params / count_params(model), mode)
+        if compute_budget(model, spec, ratio, mode).expected_removed == 0:
+            return None
+        return plan_width(model, spec, batches, ratio=ratio, mode=mode, criterion="amp", ctx=ctx, **opts)
     except AmpPruneError:
         return None
-    if budget.expected_removed == 0:
-        return None
-    scores = amp_scores(model, spec, batches, ctx)
-    return make_plan(model, spec, scores, budget, mode=mode, criterion="amp", ratio=n_params / count_params(model))
 
 
-def masked_representation(search: DepthSearch, plan: PrunePlan) -> list[torch.Tensor]:
-    """Final representation of ``search.model`` with the width units of ``plan`` masked out.
+def candidate_representation(search: DepthSearch, plan: PrunePlan, weights: dict | None = None) -> list[torch.Tensor]:
+    """Final representation of ``search.model`` as if ``plan`` (and its refit ``weights``) were applied.
 
     Head ``h`` contributes to the block output only through columns ``h*hd:(h+1)*hd`` of ``o_proj``,
-    channel ``j`` only through column ``j`` of ``down_proj``: zeroing those inputs equals removing the units.
+    channel ``j`` only through column ``j`` of ``down_proj``: computing those projections from the kept
+    columns alone (with the refit weights, when given) equals removing the units; blocks in
+    ``plan.removed_layers`` are skipped.
     """
     d = search.spec.dims(search.model.config)
-    hd = d["head_dim"]
+    weights = weights or {}
 
     def layer_context(i: int, layer: nn.Module, _ref: MaskRef):
         lp = plan.layers[i]
-        o_proj, down = search.spec.o_proj(layer), search.spec.down_proj(layer)
-        heads = torch.ones(d["n_heads"] * hd, dtype=o_proj.weight.dtype, device=o_proj.weight.device)
-        for h in lp.heads:
-            heads[h * hd:(h + 1) * hd] = 0
-        chans = torch.ones(d["intermediate"], dtype=down.weight.dtype, device=down.weight.device)
-        chans[lp.channels] = 0
-        stack = contextlib.ExitStack()
-        stack.callback(o_proj.register_forward_pre_hook(lambda _m, args: (args[0] * heads,)).remove)
-        stack.callback(down.register_forward_pre_hook(lambda _m, args: (args[0] * chans,)).remove)
-        return stack
+        if not (lp.heads or lp.channels or i in weights):
+            return contextlib.nullcontext()
+        return substituted(layer, search.spec, lp, d, weights.get(i, {}))
 
-    cache = search.prefix_pass(layer_context=layer_context)
+    saved = search.removed
+    search.removed = saved | set(plan.removed_layers)
+    try:
+        cache = search.prefix_pass(layer_context=layer_context)
+    finally:
+        search.removed = saved
     return search.represent(cache[max(cache)])
 
 
+def _standin(work: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: list[Batch], device: torch.device,
+             damp: float) -> dict:
+    """The stand-in weights of dropping the block of ``plan`` from the current model ``work``."""
+    plan.standin, plan.damp = True, damp
+    return compute_weights(work, spec, plan, batches, device, progress=False)
+
+
 def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: float, *, device: torch.device,
-                gqa_mode: str = "group", representation: str = "pooled", seed: int = 0,
-                progress: bool = True) -> PrunePlan:
-    """Plan the removal of about ``ratio`` of ``model``'s parameters by width and depth steps; ``model`` is untouched."""
+                gqa_mode: str = "group", representation: str = "pooled", seed: int = 0, progress: bool = True,
+                attn_units: str | int = "uniform", refit: str = "none", standin: bool = False,
+                damp: float = 0.0) -> PrunePlan:
+    """Plan the removal of about ``ratio`` of ``model``'s parameters by width and depth steps; ``model`` is untouched.
+
+    With ``refit`` / ``standin``, both candidates of a step are refit before their CKA is compared (the
+    training-free analogue of the seed paper's brief fine-tuning of both), and the chosen one is applied
+    to the private copy with its refit; the returned plan records the settings, and the pipeline computes
+    the final weights from the dense model, as a replay does. Width steps choose their attention/MLP
+    split as ``attn_units`` says (see :func:`amp_prune.width.planner.plan_width`).
+    """
     d0 = spec.dims(model.config)
     mode = effective_mode(model, spec, gqa_mode)
     total = count_params(model)
@@ -144,8 +160,9 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
         parent = search.represent(cache[max(cache)])
         block_params = count_params(spec.get_layers(work)[0])
         step = HybridStep(step=len(steps), params=count_params(work))
+        opts = dict(attn_units=attn_units, refit=refit, damp=damp)
         if left < block_params or len(spec.get_layers(work)) <= 1:  # last, exact width step
-            width = _width_plan(work, spec, batches, left, mode, ctx)
+            width = _width_plan(work, spec, batches, left, mode, ctx, **opts)
             if width is None:
                 break
             apply_plan(work, width, spec)
@@ -154,13 +171,17 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
         else:
             scores = search.score(cache, ("cka",), parent=parent, desc=f"step {len(steps) + 1}: depth candidates")
             best = choose(scores, "cka")[0]
-            width = _width_plan(work, spec, batches, block_params, mode, ctx)
-            step.cka_depth = scores["cka_parent"][best]
-            step.cka_width = float("-inf") if width is None else search.cka_to(parent, masked_representation(search, width))
+            depth = PrunePlan.blocks_only(work.config.model_type, spec.dims(work.config), [best], criterion="cka",
+                                          target_ratio=0.0)
+            depth.weights = _standin(work, spec, depth, batches, device, damp) if standin else None
+            step.cka_depth = (search.cka_to(parent, candidate_representation(search, depth, depth.weights))
+                              if depth.weights else scores["cka_parent"][best])
+            width = _width_plan(work, spec, batches, block_params, mode, ctx, **opts)
+            step.cka_width = (float("-inf") if width is None
+                              else search.cka_to(parent, candidate_representation(search, width, width.weights)))
             step.depth_block, step.candidates, step.metrics = tracker.orig_layers[best], list(tracker.orig_layers), scores
             if step.cka_depth >= step.cka_width:
-                apply_plan(work, PrunePlan.blocks_only(work.config.model_type, spec.dims(work.config), [best],
-                                                       criterion="cka", target_ratio=0.0), spec)
+                apply_plan(work, depth, spec, depth.weights or {})
                 step.choice, step.removed_block = "depth", tracker.depth(best)
             else:
                 apply_plan(work, width, spec)
@@ -172,4 +193,6 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
         bar.n = round(100 * (total - count_params(work)) / total, 1)
         bar.refresh()
     bar.close()
-    return tracker.plan(d0, model.config.model_type, mode, ratio, steps)
+    plan = tracker.plan(d0, model.config.model_type, mode, ratio, steps)
+    plan.refit, plan.standin, plan.damp = refit, standin, damp if (refit != "none" or standin) else 0.0
+    return plan

@@ -29,6 +29,8 @@ def model_card(s: dict, max_abs_diff: float) -> str:
         f"Perplexity: {s.get('ppl_protocol') or 'not measured'}.", "",
         f"The export was reloaded with plain `from_pretrained`; max |logit difference| = {max_abs_diff:.2e}.",
     ]
+    if s.get("split"):
+        lines += ["", report.format_split(s["split"]) + "."]
     if s.get("eval"):
         lines += ["", "## Evaluation (dense vs pruned, same settings)", "",
                   report.markdown_side_by_side(s["eval"]["dense"], s["eval"]["pruned"])]

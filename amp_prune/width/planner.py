@@ -1,4 +1,11 @@
-"""Scores + budget -> a width :class:`PrunePlan` (the lowest-scoring units of every block)."""
+"""Scores + budget -> a width :class:`PrunePlan` (the lowest-scoring units of every block).
+
+:func:`plan_width` also chooses the attention/MLP split. For ``k`` attention units removed
+per block (``0 .. n_units-1``; KV groups in group mode, heads per group in heads mode), MLP
+channels absorb the rest of the budget: ``m_k = round((r P - L k c_unit) / (L c_channel))``.
+Every ``k`` whose ``m_k`` fits and lands within 0.5% of the model of the target is a
+candidate; :mod:`amp_prune.width.sweep` refits each and keeps the lowest calibration loss.
+"""
 
 from __future__ import annotations
 
@@ -7,9 +14,11 @@ from torch import nn
 
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch
-from amp_prune.plan import LayerPlan, PrunePlan
-from amp_prune.width.budget import Budget, compute_budget
-from amp_prune.width.criteria import LayerScores, ScoreContext, get_criterion
+from amp_prune.errors import AmpPruneError
+from amp_prune.plan import PrunePlan
+from amp_prune.width.budget import Budget, compute_budget, count_params, unit_costs
+from amp_prune.width.criteria import LayerScores, ScoreContext, block_scorer
+from amp_prune.width.sweep import Candidate, layer_plan, sweep
 
 
 def lowest(scores: torch.Tensor, k: int) -> list[int]:
@@ -28,24 +37,56 @@ def make_plan(model: nn.Module, spec: ArchSpec, scores: list[LayerScores], budge
     heads mode removes the ``budget.attn_units`` lowest heads inside every group.
     """
     d = spec.dims(model.config)
-    g = d["n_heads"] // d["n_kv"]
-    layers = []
-    for i, s in enumerate(scores):
-        lp = LayerPlan(layer=i, channels=lowest(s.channels, budget.channels))
-        per_group = s.heads.view(d["n_kv"], g)  # [n_kv, g]
-        if mode == "group":
-            lp.kv_heads = lowest(per_group.sum(1), budget.attn_units)
-            lp.heads = sorted(h for kv in lp.kv_heads for h in range(kv * g, (kv + 1) * g))
-        else:
-            lp.heads = sorted(kv * g + j for kv in range(d["n_kv"]) for j in lowest(per_group[kv], budget.attn_units))
-        layers.append(lp)
+    layers = [layer_plan(i, s.heads, s.channels, budget, mode, d) for i, s in enumerate(scores)]
     return PrunePlan(model_type=model.config.model_type, dims=d, gqa_mode=mode, criterion=criterion,
-                     target_ratio=ratio, layers=layers)
+                     target_ratio=ratio, layers=layers, attn_units=budget.attn_units)
+
+
+def split_budgets(model: nn.Module, spec: ArchSpec, ratio: float, mode: str,
+                  split: str | int = "auto") -> list[Budget]:
+    """Every feasible attention/MLP split of ``ratio`` ("auto"), the uniform one, or the forced ``N``."""
+    uniform = compute_budget(model, spec, ratio, mode)  # a one-line error when no split can meet the ratio
+    if split == "uniform":
+        return [uniform]
+    forced = None if split == "auto" else int(split)
+    d = spec.dims(model.config)
+    total, n_layers = count_params(model), d["n_layers"]
+    unit, n_units, chan = unit_costs(model, spec, mode)
+    target = ratio * total
+    out = []
+    for k in range(n_units):
+        m = round((target - n_layers * k * unit) / (n_layers * chan))
+        removed = n_layers * (k * unit + m * chan)
+        if 0 <= m <= d["intermediate"] - 1 and abs(removed - target) <= 0.005 * total:
+            out.append(Budget(attn_units=k, channels=m, expected_removed=removed, total_params=total))
+    if forced is not None:
+        if not any(b.attn_units == forced for b in out):
+            what = "KV groups" if mode == "group" else "heads per group"
+            raise AmpPruneError(f"--attn-units {forced} cannot meet --ratio {ratio} with uniform blocks ({n_units} "
+                                f"{what} per block); feasible: {', '.join(str(b.attn_units) for b in out) or 'none'}")
+        out = [b for b in out if b.attn_units == forced]
+    if not out:
+        raise AmpPruneError(f"ratio {ratio} cannot be met by uniform width pruning of this model; lower --ratio")
+    return out
 
 
 def plan_width(model: nn.Module, spec: ArchSpec, batches: list[Batch], *, ratio: float, mode: str, criterion: str,
-               ctx: ScoreContext) -> PrunePlan:
-    """Score every unit with ``criterion`` and plan the removal of ``ratio`` of all parameters; ``model`` is untouched."""
-    budget = compute_budget(model, spec, ratio, mode)
-    scores = get_criterion(criterion)(model, spec, batches, ctx)
-    return make_plan(model, spec, scores, budget, mode=mode, criterion=criterion, ratio=ratio)
+               ctx: ScoreContext, attn_units: str | int = "auto", refit: str = "onepass",
+               damp: float = 0.01) -> PrunePlan:
+    """Score, choose the split, plan and refit in one block-by-block sweep; ``model`` is untouched.
+
+    The refit weights ride along in ``plan.weights`` (in memory; a replay recomputes them).
+    """
+    budgets = split_budgets(model, spec, ratio, mode, attn_units)
+    cands = [Candidate(budget=b) for b in budgets]
+    sweep(model, spec, batches, cands, mode=mode, scorer=block_scorer(criterion, model, spec, batches, ctx),
+          refit=refit, damp=damp, device=ctx.device, compare=len(cands) > 1, progress=ctx.progress,
+          desc=f"{criterion} scoring" + (f", {len(cands)} splits" if len(cands) > 1 else ""))
+    best = min(cands, key=lambda c: c.loss) if len(cands) > 1 else cands[0]
+    plan = PrunePlan(model_type=model.config.model_type, dims=spec.dims(model.config), gqa_mode=mode,
+                     criterion=criterion, target_ratio=ratio, layers=best.layers, attn_units=best.budget.attn_units,
+                     refit=refit, damp=damp if refit != "none" else 0.0,
+                     split=[{"attn_units": c.budget.attn_units, "channels": c.budget.channels,
+                             "calib_loss": c.loss, "cka": c.cka, "chosen": c is best} for c in cands])
+    plan.weights = best.weights if refit != "none" else None
+    return plan

@@ -8,16 +8,26 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from amp_prune.width.criteria.amp import amp_scores
-from amp_prune.width.criteria.base import LayerScores, ScoreContext
-from amp_prune.width.criteria.magnitude import magnitude_scores
-from amp_prune.width.criteria.random import random_scores
-from amp_prune.width.criteria.wanda_sp import wanda_sp_scores
 from amp_prune.config import CRITERIA
 from amp_prune.errors import AmpPruneError
+from amp_prune.width.criteria.amp import AmpScorer, amp_scores
+from amp_prune.width.criteria.base import BlockScorer, FixedScores, LayerScores, ScoreContext
+from amp_prune.width.criteria.magnitude import magnitude_scores
+from amp_prune.width.criteria.random import random_scores
+from amp_prune.width.criteria.wanda_sp import WandaSpScorer, wanda_sp_scores
 
 SCORERS: dict[str, Callable] = {"amp": amp_scores, "magnitude": magnitude_scores, "random": random_scores,
                                 "wanda_sp": wanda_sp_scores}
+
+
+def block_scorer(name: str, model, spec, batches, ctx: ScoreContext) -> BlockScorer:
+    """A :class:`BlockScorer` for ``name``: hooks for the data-driven criteria, fixed scores for the others."""
+    n_heads = spec.dims(model.config)["n_heads"]
+    if name == "amp":
+        return AmpScorer(spec, n_heads)
+    if name == "wanda_sp":
+        return WandaSpScorer(spec, n_heads)
+    return FixedScores(get_criterion(name)(model, spec, batches, ctx))
 
 
 def get_criterion(name: str) -> Callable:
@@ -27,5 +37,5 @@ def get_criterion(name: str) -> Callable:
     return SCORERS[name]
 
 
-__all__ = ["SCORERS", "LayerScores", "ScoreContext", "get_criterion", "amp_scores", "magnitude_scores",
+__all__ = ["SCORERS", "BlockScorer", "FixedScores", "LayerScores", "ScoreContext", "block_scorer", "get_criterion", "amp_scores", "magnitude_scores",
            "random_scores", "wanda_sp_scores"]

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import MaskRef, capture_inputs, run_blocks
+from amp_prune.calib.blockwise import MaskRef
 from amp_prune.calib.data import Batch
-from amp_prune.width.criteria.base import LayerScores, ScoreContext
+from amp_prune.width.criteria.base import LayerScores, ScoreContext, score_blockwise
 
 _CHUNK_ELEMS = 2 ** 24  # bound on the [tokens, heads, hidden] temporary (64 MB in fp32)
 
@@ -44,43 +44,40 @@ def head_contributions(x: torch.Tensor, w_o: torch.Tensor, n_heads: int) -> torc
     return total
 
 
-class _Accumulator:
-    def __init__(self, n_layers: int):
-        self.heads: list[torch.Tensor | None] = [None] * n_layers
-        self.channels: list[torch.Tensor | None] = [None] * n_layers
-        self.tokens = [0] * n_layers
+class AmpScorer:
+    """Accumulates the AMP sums of one block while it runs (see the module docstring)."""
 
+    def __init__(self, spec: ArchSpec, n_heads: int):
+        self.spec, self.n_heads = spec, n_heads
+        self.heads: dict[int, torch.Tensor] = {}
+        self.channels: dict[int, torch.Tensor] = {}
+        self.tokens: dict[int, int] = {}
 
-@torch.no_grad()
-def amp_scores(model: nn.Module, spec: ArchSpec, batches: list[Batch], ctx: ScoreContext) -> list[LayerScores]:
-    """AMP scores of every block, computed block by block (see module docstring)."""
-    dims = spec.dims(model.config)
-    n_layers = len(spec.get_layers(model))
-    acc = _Accumulator(n_layers)
-
-    def layer_context(i: int, layer: nn.Module, ref: MaskRef):
-        o_proj, down = spec.o_proj(layer), spec.down_proj(layer)
+    def hooks(self, i: int, layer: nn.Module, ref: MaskRef) -> contextlib.AbstractContextManager:
+        o_proj, down = self.spec.o_proj(layer), self.spec.down_proj(layer)
 
         def o_hook(_m, args):
             x = args[0][ref.mask]  # [N, n_heads*head_dim]
-            c = head_contributions(x, o_proj.weight, dims["n_heads"])
-            acc.heads[i] = c if acc.heads[i] is None else acc.heads[i] + c
-            acc.tokens[i] += x.shape[0]
+            c = head_contributions(x, o_proj.weight, self.n_heads)
+            self.heads[i] = c if i not in self.heads else self.heads[i] + c
+            self.tokens[i] = self.tokens.get(i, 0) + x.shape[0]
 
         def d_hook(_m, args):
             z = args[0][ref.mask].float().abs().sum(0)  # [intermediate]
-            acc.channels[i] = z if acc.channels[i] is None else acc.channels[i] + z
+            self.channels[i] = z if i not in self.channels else self.channels[i] + z
 
         stack = contextlib.ExitStack()
         stack.callback(o_proj.register_forward_pre_hook(o_hook).remove)
         stack.callback(down.register_forward_pre_hook(d_hook).remove)
         return stack
 
-    inputs = capture_inputs(model, spec, batches, ctx.device, progress=ctx.progress)
-    run_blocks(model, spec, inputs, ctx.device, layer_context=layer_context, progress=ctx.progress,
-               desc="AMP scoring")
-    out = []
-    for i in range(n_layers):
-        n = max(acc.tokens[i], 1)
-        out.append(LayerScores(heads=(acc.heads[i] / n).cpu(), channels=(acc.channels[i] / n).cpu()))
-    return out
+    def finish(self, i: int, layer: nn.Module) -> LayerScores:
+        n = max(self.tokens.get(i, 0), 1)
+        return LayerScores(heads=(self.heads.pop(i) / n).cpu(), channels=(self.channels.pop(i) / n).cpu())
+
+
+@torch.no_grad()
+def amp_scores(model: nn.Module, spec: ArchSpec, batches: list[Batch], ctx: ScoreContext) -> list[LayerScores]:
+    """AMP scores of every block, computed block by block (see module docstring)."""
+    return score_blockwise(model, spec, batches, AmpScorer(spec, spec.dims(model.config)["n_heads"]), ctx,
+                           desc="AMP scoring")

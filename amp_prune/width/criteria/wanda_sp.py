@@ -18,40 +18,41 @@ import torch
 from torch import nn
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import MaskRef, capture_inputs, run_blocks
+from amp_prune.calib.blockwise import MaskRef
 from amp_prune.calib.data import Batch
-from amp_prune.width.criteria.base import LayerScores, ScoreContext
+from amp_prune.width.criteria.base import LayerScores, ScoreContext, score_blockwise
+
+
+class WandaSpScorer:
+    """Accumulates the squared input norms of ``o_proj`` and ``down_proj`` of one block while it runs."""
+
+    def __init__(self, spec: ArchSpec, n_heads: int):
+        self.spec, self.n_heads = spec, n_heads
+        self.sq: dict[tuple[int, str], torch.Tensor] = {}
+
+    def hooks(self, i: int, layer: nn.Module, ref: MaskRef) -> contextlib.AbstractContextManager:
+        def make(key):
+            def hook(_m, args):
+                s = args[0][ref.mask].float().pow(2).sum(0)
+                self.sq[key] = s if key not in self.sq else self.sq[key] + s
+            return hook
+
+        stack = contextlib.ExitStack()
+        stack.callback(self.spec.o_proj(layer).register_forward_pre_hook(make((i, "o"))).remove)
+        stack.callback(self.spec.down_proj(layer).register_forward_pre_hook(make((i, "down"))).remove)
+        return stack
+
+    def finish(self, i: int, layer: nn.Module) -> LayerScores:
+        sq_o, sq_d = self.sq.pop((i, "o")), self.sq.pop((i, "down"))
+        w_o = self.spec.o_proj(layer).weight.float()
+        w_d = self.spec.down_proj(layer).weight.float()
+        per_col_o = (w_o.abs().to(sq_o.device) * sq_o.sqrt()).sum(0)  # [n_heads*head_dim]
+        per_col_d = (w_d.abs().to(sq_d.device) * sq_d.sqrt()).sum(0)  # [intermediate]
+        return LayerScores(heads=per_col_o.view(self.n_heads, -1).sum(1).cpu(), channels=per_col_d.cpu())
 
 
 @torch.no_grad()
 def wanda_sp_scores(model: nn.Module, spec: ArchSpec, batches: list[Batch], ctx: ScoreContext) -> list[LayerScores]:
-    dims = spec.dims(model.config)
-    n_layers = len(spec.get_layers(model))
-    sq_o: list[torch.Tensor | None] = [None] * n_layers
-    sq_d: list[torch.Tensor | None] = [None] * n_layers
-
-    def layer_context(i: int, layer: nn.Module, ref: MaskRef):
-        def o_hook(_m, args):
-            s = args[0][ref.mask].float().pow(2).sum(0)
-            sq_o[i] = s if sq_o[i] is None else sq_o[i] + s
-
-        def d_hook(_m, args):
-            s = args[0][ref.mask].float().pow(2).sum(0)
-            sq_d[i] = s if sq_d[i] is None else sq_d[i] + s
-
-        stack = contextlib.ExitStack()
-        stack.callback(spec.o_proj(layer).register_forward_pre_hook(o_hook).remove)
-        stack.callback(spec.down_proj(layer).register_forward_pre_hook(d_hook).remove)
-        return stack
-
-    inputs = capture_inputs(model, spec, batches, ctx.device, progress=ctx.progress)
-    run_blocks(model, spec, inputs, ctx.device, layer_context=layer_context, progress=ctx.progress,
-               desc="Wanda-sp scoring")
-    out = []
-    for i, layer in enumerate(spec.get_layers(model)):
-        w_o = spec.o_proj(layer).weight.float()
-        w_d = spec.down_proj(layer).weight.float()
-        per_col_o = (w_o.abs().to(sq_o[i].device) * sq_o[i].sqrt()).sum(0)  # [n_heads*head_dim]
-        per_col_d = (w_d.abs().to(sq_d[i].device) * sq_d[i].sqrt()).sum(0)  # [intermediate]
-        out.append(LayerScores(heads=per_col_o.view(dims["n_heads"], -1).sum(1).cpu(), channels=per_col_d.cpu()))
-    return out
+    """Wanda-sp scores of every block, computed block by block (see module docstring)."""
+    return score_blockwise(model, spec, batches, WandaSpScorer(spec, spec.dims(model.config)["n_heads"]), ctx,
+                           desc="Wanda-sp scoring")

@@ -1,0 +1,49 @@
+"""The refit stage: the weights a plan needs beyond removals, computed from the dense model.
+
+* width refit (``plan.refit`` onepass or sequential): the kept ``o_proj`` / ``down_proj``
+  columns of every kept block, by :func:`amp_prune.width.sweep.sweep` with the plan's removals;
+* stand-ins (``plan.standin``): ``T`` per dropped span (:mod:`amp_prune.depth.standin`), folded
+  into the previous block's (refit) ``down_proj``: ``W_down <- T^T W_down``.
+
+A run and a replay of its plan call the same function with the same calibration settings
+(``plan.calibration``), so both give the same model. Nothing here mutates the model: the weights
+go to :func:`amp_prune.surgery.apply_plan`.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from amp_prune.arch import ArchSpec
+from amp_prune.calib.data import Batch
+from amp_prune.depth.standin import fit_standins
+from amp_prune.plan import PrunePlan
+from amp_prune.width.sweep import Candidate, kept_columns, sweep
+
+Weights = dict[int, dict[str, torch.Tensor]]
+
+
+def compute_weights(model: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: list[Batch], device: torch.device, *,
+                    progress: bool = True) -> Weights:
+    """Per-block replacement weights for ``plan`` on the dense ``model`` (see module docstring)."""
+    d = spec.dims(model.config)
+    weights: Weights = {}
+    if plan.refit != "none" and any(lp.heads or lp.channels for lp in plan.layers):
+        cand = Candidate(budget=None, layers=plan.layers, removed=set(plan.removed_layers))
+        sweep(model, spec, batches, [cand], mode=plan.gqa_mode, scorer=None, refit=plan.refit, damp=plan.damp,
+              device=device, compare=False, progress=progress, desc=f"refit ({plan.refit})")
+        weights = {i: w for i, w in cand.weights.items() if i not in plan.removed_layers}
+    if plan.standin and plan.removed_layers:
+        layers = spec.get_layers(model)
+        for k, t in fit_standins(model, spec, batches, plan.removed_layers, device, damp=plan.damp,
+                                 progress=progress).items():
+            down = spec.down_proj(layers[k])
+            _, cols = kept_columns(plan.layers[k], d)
+            base = weights.get(k, {}).get("down")
+            base = down.weight.detach()[:, cols].cpu() if base is None else base
+            w = weights.setdefault(k, {})
+            w["down"] = (t.T @ base.double()).to(down.weight.dtype)
+            if down.bias is not None:
+                w["down_bias"] = (t.T @ down.bias.detach().double().cpu()).to(down.bias.dtype)
+    return weights

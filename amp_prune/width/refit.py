@@ -1,0 +1,73 @@
+"""Least-squares refit of what a width plan keeps, and the Gram statistics it needs.
+
+For a projection ``y = W x + b`` (``W`` ``[out, D]``) whose input columns ``S`` are kept, the
+refit chooses ``W_S'`` ``[out, |S|]`` so that, on the calibration tokens, the kept columns
+reproduce what the dense projection produced from all of its inputs. Ridge toward the kept
+weights themselves:
+
+    min  sum_t || W x_t - W_S' x_{t,S} ||^2  +  lam * || W_S' - W_S ||_F^2
+    =>   W_S' (G_SS + lam I) = W G_{:,S} + lam W_S,      G = sum_t x_t x_t^T  (real tokens only)
+
+so ``W_S' = (W G[:, S] + lam W[:, S]) (G[S, S] + lam I)^-1`` with ``lam = damp * mean(diag G)``.
+Shrinking toward ``W_S`` instead of toward 0 makes a refit with nothing removed the identity
+exactly, and a tiny ``damp`` the plain least-squares solution. ``G`` is accumulated in fp32 on
+the device; the solve runs in fp64 (Cholesky; the damping is raised tenfold, at most five
+times, if ``G`` is too ill-conditioned, and the kept weights are returned unchanged when
+``G`` is zero). The bias is not refit: the target carries the same ``b``.
+
+With a whole KV group removed, the kept heads' outputs are unchanged, so for ``o_proj`` this
+is exact linear algebra on its input. ``down_proj``'s input is ``silu(gate) * up``.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+log = logging.getLogger(__name__)
+
+REFITS = ("none", "onepass", "sequential")
+
+
+class Gram:
+    """``G = sum_t x_t x_t^T`` ``[D, D]`` over real tokens, accumulated in fp32 on the input's device."""
+
+    def __init__(self) -> None:
+        self.g: torch.Tensor | None = None
+        self.n = 0
+
+    def add(self, x: torch.Tensor) -> None:
+        """Add rows ``x`` ``[N, D]`` (real tokens only)."""
+        x = x.float()
+        self.g = x.T @ x if self.g is None else self.g.addmm_(x.T, x)
+        self.n += x.shape[0]
+
+
+def refit_columns(w: torch.Tensor, gram: torch.Tensor | None, keep: torch.Tensor, damp: float) -> torch.Tensor:
+    """``W_S'`` ``[out, |S|]`` for ``w`` ``[out, D]``, Gram ``[D, D]`` and kept columns ``keep`` (see module docstring).
+
+    Returns ``w[:, keep]`` unchanged (in ``w``'s dtype) when there are no statistics.
+    """
+    kept = w[:, keep]
+    if gram is None or not torch.isfinite(gram).all():
+        return kept.clone()
+    g = gram.double().to(w.device)
+    scale = g.diagonal().mean()
+    if scale <= 0:
+        return kept.clone()
+    wd = w.double()
+    g_ss = g[keep][:, keep]
+    rhs = wd @ g[:, keep]  # [out, |S|]
+    lam = damp * scale
+    eye = torch.eye(len(keep), dtype=torch.float64, device=w.device)
+    for _ in range(6):
+        chol, info = torch.linalg.cholesky_ex(g_ss + lam * eye)
+        if int(info) == 0:
+            # W_S' A = R with A symmetric  <=>  A W_S'^T = R^T
+            sol = torch.cholesky_solve((rhs + lam * wd[:, keep]).T, chol).T
+            if torch.isfinite(sol).all():
+                return sol.to(w.dtype)
+        lam = max(lam * 10, 1e-12 * float(scale))
+    log.warning("refit: the Gram matrix is too ill-conditioned even with damping %.1e; keeping the weights", lam)
+    return kept.clone()

@@ -1,0 +1,103 @@
+"""The linear stand-in for dropped blocks: exact on a block that is linear in its input, spans, export."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+from conftest import random_batches
+from test_surgery import logits
+from tiny import tiny_model
+from torch import nn
+from transformers import AutoModelForCausalLM
+
+from amp_prune import PruneConfig, prune
+from amp_prune.arch import get_spec
+from amp_prune.depth.standin import fit_standins, spans
+from amp_prune.plan import PrunePlan
+from amp_prune.refit import compute_weights
+from amp_prune.surgery import apply_plan
+
+CPU = torch.device("cpu")
+SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False)
+
+
+class LinearBlock(nn.Module):
+    """``h -> h + h A``: a decoder block that is exactly linear in its input."""
+
+    def __init__(self, a: torch.Tensor):
+        super().__init__()
+        self.register_buffer("a", a)
+
+    def forward(self, hidden_states, *args, **kwargs):
+        return hidden_states + hidden_states @ self.a
+
+
+def linear_block_model():
+    """Block 1 is linear, and block 0's attention-side residual ``y`` never reaches the dims ``A`` reads.
+
+    Embeddings are zero in dims 48..63 and block 0 writes no attention output, so ``y = e`` and ``y A = 0``
+    when ``A`` has rows 48..63 only: what block 1 adds is then ``m A``, a linear function of block 0's MLP output.
+    """
+    model = tiny_model("llama_gqa")
+    torch.manual_seed(5)
+    a = torch.zeros(64, 64)
+    a[48:] = torch.randn(16, 64) * 0.3
+    with torch.no_grad():
+        model.model.embed_tokens.weight[:, 48:] = 0
+        model.model.layers[0].self_attn.o_proj.weight.zero_()
+    model.model.layers[1] = LinearBlock(a)
+    return model
+
+
+def test_folding_the_stand_in_reproduces_a_linear_block():
+    model, spec, batches = linear_block_model(), get_spec("llama"), random_batches(seed=8)
+    ref = linear_block_model()
+    plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [1], criterion="test", target_ratio=0.0,
+                                 standin=True, damp=1e-10)
+    t = fit_standins(model, spec, batches, [1], CPU, damp=1e-10, progress=False)[0]
+    torch.testing.assert_close(t.float(), torch.eye(64) + ref.model.layers[1].a, atol=1e-4, rtol=1e-4)  # T = I + A
+    apply_plan(model, plan, spec, compute_weights(model, spec, plan, batches, CPU, progress=False))
+    plain = apply_plan(linear_block_model(), PrunePlan.blocks_only("llama", plan.dims, [1], criterion="t",
+                                                                   target_ratio=0.0))
+    for b in random_batches(seed=9):
+        mask = b.attention_mask.bool()
+        torch.testing.assert_close(logits(model, b)[mask], logits(ref, b)[mask], atol=1e-4, rtol=1e-4)
+        assert (logits(plain, b)[mask] - logits(ref, b)[mask]).abs().max() > 1e-3  # dropping alone is not exact
+
+
+def test_spans_and_one_map_per_span():
+    assert spans([5, 2, 3, 7, 8, 9]) == [(2, 3), (5, 5), (7, 9)]
+    model, spec = tiny_model("mistral", layers=6), get_spec("mistral")
+    ts = fit_standins(model, spec, random_batches(), [0, 2, 3, 5], CPU, damp=0.01, progress=False)
+    assert sorted(ts) == [1, 4]  # the span at block 0 has no earlier block to fold into
+    assert all(t.shape == (64, 64) for t in ts.values())
+    none = fit_standins(model, spec, random_batches(), [], CPU, damp=0.01, progress=False)
+    assert none == {}
+
+
+def test_stand_in_run_exports_and_replays(tiny_dir, tmp_path):
+    src, out = tiny_dir("qwen3"), tmp_path / "o"
+    res = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, out=str(out), **SMALL))
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["standin"] is True and res.summary["export_max_abs_diff"] <= 1e-4
+    off = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, stand_in=False, **SMALL), save=False)
+    assert off.plan.removed_layers == res.plan.removed_layers and not off.plan.standin
+    k = res.plan.removed_layers[0] - 1
+    if k >= 0:
+        w = f"model.layers.{k}.mlp.down_proj.weight"
+        assert not torch.equal(AutoModelForCausalLM.from_pretrained(out).state_dict()[w], off.model.state_dict()[w])
+    replay = prune(PruneConfig.from_flat(model=str(src), plan=str(out / "pruning_plan.json"), **SMALL), save=False)
+    a, b = res.model.state_dict(), replay.model.state_dict()
+    assert all(torch.equal(a[n], b[n]) for n in a)
+
+
+def test_hybrid_with_refit_candidates_exports_and_replays(tiny_dir, tmp_path):
+    src, out = tiny_dir("llama_gqa"), tmp_path / "h"
+    res = prune(PruneConfig.from_flat(model=str(src), method="hybrid", ratio=0.3, out=str(out), **SMALL))
+    plan = json.loads((out / "pruning_plan.json").read_text())
+    assert plan["refit"] == "onepass" and plan["standin"] is True and plan["steps"]
+    assert res.summary["export_max_abs_diff"] <= 1e-4 and abs(res.summary["achieved_ratio"] - 0.3) < 0.02
+    replay = prune(PruneConfig.from_flat(model=str(src), plan=str(out / "pruning_plan.json"), **SMALL), save=False)
+    a, b = res.model.state_dict(), replay.model.state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
