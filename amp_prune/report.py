@@ -65,9 +65,9 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
 
 def format_split(split: list[dict]) -> str:
     """The attention/MLP splits considered: units removed per block, channels, calibration loss (lower is better)."""
-    cells = [f"{c['attn_units']} units + {c['channels']} channels: loss {c['calib_loss']:.3f}"
+    cells = [f"{c['attn_units']} attention units + {c['channels']} channels: loss {c['calib_loss']:.3f}"
              + (" (chosen)" if c["chosen"] else "") for c in split]
-    return "attention/MLP split per block: " + "; ".join(cells)
+    return "split (removed per block): " + "; ".join(cells)
 
 
 def step_scores(step: Step, criterion: str) -> list[float] | None:

@@ -7,7 +7,7 @@ on the same calibration batches, and is measured on the same WikiText-2 windows 
 joined with "\\n\\n", non-overlapping windows; never used for calibration). Variants:
 
 - ``uniform / none``: the attention share nearest the uniform one, no refit (the rule before the refit);
-- ``auto / none``: the attention/MLP split chosen by the calibration-loss proxy, no refit;
+- ``auto / none`` (AMP): the attention/MLP split chosen by the calibration-loss proxy, no refit;
 - ``auto / onepass``, ``auto / sequential``: with the least-squares refit (the uniform split with a
   refit is in the proxy check at ``--proxy-check``).
 
@@ -38,8 +38,8 @@ from amp_prune.width.criteria import ScoreContext  # noqa: E402
 from amp_prune.width.planner import plan_width, split_budgets  # noqa: E402
 
 VARIANTS = {"amp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass"), ("auto", "sequential")],
-            "wanda_sp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")],
-            "magnitude": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")]}
+            "wanda_sp": [("uniform", "none"), ("auto", "onepass")],
+            "magnitude": [("uniform", "none"), ("auto", "onepass")]}
 
 
 def run(lm, calib, wiki, device, *, ratio, crit, split, refit, mode, damp, seed) -> dict:
@@ -50,7 +50,8 @@ def run(lm, calib, wiki, device, *, ratio, crit, split, refit, mode, damp, seed)
     model = apply_plan(copy.deepcopy(lm.model), plan, lm.spec)
     d = lm.spec.dims(model.config)
     chosen = next(c for c in plan.split if c["chosen"])
-    row = {"criterion": crit, "split": split, "refit": refit, "target": ratio,
+    row = {"criterion": crit, "split": split, "refit": refit, "target": ratio, "split losses": {
+               c["attn_units"]: round(c["calib_loss"], 4) for c in plan.split if c["calib_loss"] is not None},
            "achieved": 1 - count_params(model) / count_params(lm.model), "heads/kv": f"{d['n_heads']}/{d['n_kv']}",
            "channels": d["intermediate"], "calib loss": chosen["calib_loss"],
            "wikitext2 ppl": perplexity(model, lm.spec, wiki, device), "plan s": plan_s}
@@ -71,6 +72,7 @@ def main() -> None:
     ap.add_argument("--damp", type=float, default=0.01)
     ap.add_argument("--proxy-check", type=float, default=0.3)
     ap.add_argument("--damps", type=float, nargs="*", default=[])
+    ap.add_argument("--no-sequential", action="store_true", help="skip the (slow) sequential-refit rows")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
@@ -87,7 +89,7 @@ def main() -> None:
     for crit in args.criteria if args.ratios else []:
         for ratio in args.ratios:
             for split, refit in VARIANTS[crit]:
-                if refit == "sequential" and ratio != max(args.ratios):
+                if refit == "sequential" and (args.no_sequential or ratio != max(args.ratios)):
                     continue  # three block passes per candidate: measured at the largest ratio only
                 rows.append(run(lm, calib, wiki, device, ratio=ratio, crit=crit, split=split, refit=refit, **kw))
     proxy = []
