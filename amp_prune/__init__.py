@@ -14,6 +14,6 @@ from amp_prune.plan import DepthStep, HybridStep, LayerPlan, PrunePlan
 from amp_prune.surgery import apply_plan
 
 __all__ = ["AmpPruneError", "BiasConfig", "CalibConfig", "DepthConfig", "DepthStep", "EvalConfig", "FinetuneConfig",
-           "HybridStep", "LayerPlan", "PLANNERS", "PruneConfig", "PruneResult", "RuntimeConfig", "WidthConfig",
+           "HybridStep", "LayerPlan", "PLANNERS", "PruneConfig", "PrunePlan", "PruneResult", "RuntimeConfig", "WidthConfig",
            "apply_plan", "load_model", "prune"]
 __version__ = "0.1.0"

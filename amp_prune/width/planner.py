@@ -9,7 +9,6 @@ candidate; :mod:`amp_prune.width.sweep` refits each and keeps the lowest calibra
 
 from __future__ import annotations
 
-import torch
 from torch import nn
 
 from amp_prune.arch import ArchSpec
@@ -19,14 +18,6 @@ from amp_prune.plan import PrunePlan
 from amp_prune.width.budget import Budget, compute_budget, count_params, unit_costs
 from amp_prune.width.criteria import LayerScores, ScoreContext, block_scorer
 from amp_prune.width.sweep import Candidate, layer_plan, sweep
-
-
-def lowest(scores: torch.Tensor, k: int) -> list[int]:
-    """Indices of the ``k`` smallest scores (stable: ties go to the lower index)."""
-    if k <= 0:
-        return []
-    order = torch.sort(scores.float(), stable=True).indices
-    return sorted(order[:k].tolist())
 
 
 def make_plan(model: nn.Module, spec: ArchSpec, scores: list[LayerScores], budget: Budget, *, mode: str,

@@ -27,9 +27,6 @@ import torch
 
 log = logging.getLogger(__name__)
 
-REFITS = ("none", "onepass", "sequential")
-
-
 class Gram:
     """``G = sum_t x_t x_t^T`` ``[D, D]`` over real tokens, accumulated in fp32 on the input's device."""
 

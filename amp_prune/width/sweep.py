@@ -56,11 +56,17 @@ class Candidate:
     cka: float | None = None
 
 
+def lowest(scores: torch.Tensor, k: int) -> list[int]:
+    """Indices of the ``k`` smallest scores (stable: ties go to the lower index)."""
+    if k <= 0:
+        return []
+    order = torch.sort(scores.float(), stable=True).indices
+    return sorted(order[:k].tolist())
+
+
 def layer_plan(i: int, heads: torch.Tensor, channels: torch.Tensor, budget: Budget, mode: str,
                d: dict[str, int]) -> LayerPlan:
     """The lowest-scoring units of block ``i``: ``heads`` ``[n_heads]``, ``channels`` ``[intermediate]`` scores."""
-    from amp_prune.width.planner import lowest
-
     g = d["n_heads"] // d["n_kv"]
     lp = LayerPlan(layer=i, channels=lowest(channels, budget.channels))
     per_group = heads.view(d["n_kv"], g)  # [n_kv, g]

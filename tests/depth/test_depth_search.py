@@ -17,7 +17,7 @@ from amp_prune.depth.hybrid import plan_hybrid
 from amp_prune.config import LAYER_CRITERIA
 from amp_prune.depth.search import DepthSearch, plan_depth
 from amp_prune.surgery import remove_blocks
-from amp_prune.plan import LayerPlan, PrunePlan
+from amp_prune.plan import PrunePlan
 from amp_prune.width.budget import count_params
 from amp_prune.surgery import apply_plan
 
