@@ -65,8 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(data_dir=data_dir_default())
     f = p.add_argument_group("recovery")
     f.add_argument("--finetune", metavar="DATA",
-                   help="after pruning, recover with LoRA on DATA (see `amp-prune finetune -h`); the pruned model "
-                        "before recovery is kept in OUT-pruned")
+                   help="after pruning, recover with LoRA on DATA, distilling the dense model already in memory "
+                        "(see `amp-prune finetune -h`); the pruned model before recovery is kept in OUT-pruned")
     f.add_argument("--finetune-steps", type=int, help="steps for --finetune (default: one epoch)")
     return p
 
@@ -215,7 +215,7 @@ def main(argv: list[str] | None = None) -> int:
             check_out_dir(final_out, overwrite=args.overwrite)
             cfg.out = final_out.rstrip("/") + "-pruned"
             FinetuneConfig(model="", data=args.finetune, steps=args.finetune_steps).validate()
-        result = prune(cfg)
+        result = prune(cfg, keep_dense=bool(args.finetune))
         if result.plan.steps:
             print(format_steps(result.plan.steps))
         print(format_summary(result.summary, result.timings, result.out))
@@ -228,8 +228,10 @@ def main(argv: list[str] | None = None) -> int:
             from amp_prune.report import format_finetune
             ft = FinetuneConfig(model=result.out, data=args.finetune, out=final_out, steps=args.finetune_steps,
                                 seq_len=cfg.calib.seq_len, seed=cfg.calib.seed, device=cfg.runtime.device,
-                                dtype=cfg.runtime.dtype, overwrite=args.overwrite, progress=cfg.runtime.progress)
-            print(format_finetune(finetune(ft)))
+                                dtype=cfg.runtime.dtype, overwrite=args.overwrite, progress=cfg.runtime.progress,
+                                teacher=cfg.model)
+            dense, result.model = result.dense, None  # the dense model in memory is the teacher: no second load
+            print(format_finetune(finetune(ft, teacher=(dense, result.tokenizer))))
         return 0
     return _guard(args, run)
 

@@ -25,6 +25,7 @@ LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")
 PPL_DATASETS = ("wikitext2",)
 REFITS = ("none", "onepass", "sequential")
+LOSSES = ("kd", "lm", "kd+lm")
 DEFAULT_SOURCE = "builtin:c4"
 MIN_CHUNK_TOKENS = 16
 
@@ -118,11 +119,27 @@ class DepthConfig:
                               choices=REPRESENTATIONS)
     stand_in: bool = opt(True, "replace each span of dropped blocks by a least-squares linear map folded into the "
                                "previous block's down_proj (default: on)", negatable=True)
+    standin_damp: str = opt("auto", "ridge damping of the stand-in: auto picks it per span by 4-fold cross-validation "
+                                    "on the calibration batches, and keeps plain dropping where no damping beats it "
+                                    "on held-out tokens (default %(default)s)", flag="--stand-in-damp",
+                            metavar="auto|X")
 
     def validate(self) -> None:
         _choice(self.layer_criterion, LAYER_CRITERIA, "--layer-criterion")
         _choice(self.representation, REPRESENTATIONS, "--representation")
         _int_at_least(self.layers, 1, "--layers", optional=True, what="blocks")
+        try:
+            bad = self.standin_damp != "auto" and not 0 <= float(self.standin_damp) < 1e4
+        except (TypeError, ValueError):
+            bad = True
+        if bad:
+            raise AmpPruneError(f"--stand-in-damp must be auto or a number in [0, 10000) (got {self.standin_damp}); "
+                                "e.g. --stand-in-damp auto")
+
+    @property
+    def standin_ridge(self) -> float | str:
+        """``--stand-in-damp``: "auto" or the damping."""
+        return "auto" if self.standin_damp == "auto" else float(self.standin_damp)
 
 
 @dataclass
@@ -252,10 +269,18 @@ class FinetuneConfig:
     model: str
     data: str = opt(None, "Alpaca-style .json/.jsonl (loss on responses) or text (.txt/.jsonl/.json/datasets name: "
                           "causal LM loss)")
-    out: str | None = opt(None, "output directory (default: ./<model>-lora)")
+    out: str | None = opt(None, "output directory (default: ./<model>-lora, or ./<model>-full with --full)")
+    loss: str = opt("kd", "kd: distil the teacher's next-token distribution (tau^2 KL); lm: next-token "
+                          "cross-entropy on the data; kd+lm: both (default %(default)s)", choices=LOSSES)
+    teacher: str | None = opt(None, "teacher for --loss kd / kd+lm: a HF dir, hub id, .gguf or built-in name "
+                                    "(default: the source model recorded in MODEL's run.json)",
+                              metavar="DIR_OR_ID")
+    temperature: float = opt(1.0, "distillation temperature tau (default %(default)s)")
+    lm_weight: float = opt(1.0, "weight of the LM loss in --loss kd+lm (default %(default)s)")
+    full: bool = opt(False, "fine-tune every weight (AdamW) instead of LoRA adapters")
     steps: int | None = opt(None, "optimizer steps (default: one epoch)")
     epochs: float | None = opt(None, "epochs, when --steps is not given (default 1)")
-    lr: float = opt(3e-4, "learning rate (default %(default)s)")
+    lr: float | None = opt(None, "learning rate (default 3e-4 with LoRA, 5e-5 with --full)")
     lora_r: int = opt(8, "LoRA rank (default %(default)s)")
     lora_alpha: int = opt(16, "LoRA alpha (default %(default)s)")
     lora_dropout: float = opt(0.05, "LoRA dropout (default %(default)s)")
@@ -283,12 +308,24 @@ class FinetuneConfig:
             _int_at_least(getattr(self, name), low, "--" + name.replace("_", "-"), optional=name == "steps")
         if self.epochs is not None and not self.epochs > 0:
             raise AmpPruneError(f"--epochs must be > 0 (got {self.epochs})")
-        if not self.lr > 0 or not 0 <= self.lora_dropout < 1:
+        if (self.lr is not None and not self.lr > 0) or not 0 <= self.lora_dropout < 1:
             raise AmpPruneError("--lr must be > 0 and --lora-dropout in [0, 1)")
+        _choice(self.loss, LOSSES, "--loss")
+        if not 0 < self.temperature <= 100:
+            raise AmpPruneError(f"--temperature must be in (0, 100] (got {self.temperature}); e.g. --temperature 1")
+        if not self.lm_weight >= 0:
+            raise AmpPruneError(f"--lm-weight must be >= 0 (got {self.lm_weight})")
+        if self.teacher and self.loss == "lm":
+            raise AmpPruneError("--teacher is only used with --loss kd or kd+lm; drop it or change --loss")
         return self
 
+    @property
+    def learning_rate(self) -> float:
+        """``--lr``, or the default of the mode: 3e-4 for LoRA, 5e-5 for full fine-tuning."""
+        return self.lr if self.lr is not None else (5e-5 if self.full else 3e-4)
+
     def default_out(self) -> str:
-        return f"{Path(self.model.rstrip('/')).name}-lora"
+        return f"{Path(self.model.rstrip('/')).name}-{'full' if self.full else 'lora'}"
 
 
 def field_default(f):

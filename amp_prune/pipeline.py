@@ -9,6 +9,7 @@ the model alone; :func:`apply_plan` is the only step that changes it.
 
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from collections.abc import Callable
@@ -54,6 +55,7 @@ class PruneResult:
     summary: dict
     out: str | None
     timings: dict[str, float] = field(default_factory=dict)
+    dense: torch.nn.Module | None = None  # the unpruned model, kept only with prune(keep_dense=True)
 
 
 @dataclass
@@ -101,7 +103,8 @@ def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan
     plan = plan_depth(model, job.spec, calib, job.n_blocks, device=job.device, criterion=c.depth.layer_criterion,
                       iterative=not c.depth.one_shot, representation=c.depth.representation, ratio=c.ratio,
                       progress=c.runtime.progress)
-    plan.standin, plan.damp = c.depth.stand_in, c.width.damp if c.depth.stand_in else 0.0
+    plan.standin = c.depth.stand_in
+    plan.standin_damp = c.depth.standin_ridge if c.depth.stand_in else None
     return plan
 
 
@@ -109,7 +112,8 @@ def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PruneP
     c = job.config
     return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
                        representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
-                       attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp)
+                       attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
+                       standin_damp=c.depth.standin_ridge)
 
 
 PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {
@@ -243,7 +247,8 @@ def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inpu
 def describe(config: PruneConfig, plan: PrunePlan) -> str:
     """One phrase for the method, as the summary and the card show it."""
     refit = f", refit={plan.refit} (damp {plan.damp})" if plan.refit != "none" else ""
-    standin = ", stand-in for the dropped blocks" if plan.standin else ""
+    ridge = plan.damp if plan.standin_damp is None else plan.standin_damp
+    standin = f", stand-in for the dropped blocks (damp {ridge})" if plan.standin else ""
     if plan.method == "cka":
         return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
                 f"({'one-shot' if config.depth.one_shot else 'iterative'}, {config.depth.representation} "
@@ -275,6 +280,8 @@ def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, afte
         s[f"{key}_before"], s[f"{key}_after"] = before[key], after[key]
     if len(plan.split) > 1:
         s["split"] = plan.split
+    if plan.standin_fit:
+        s["standin"] = plan.standin_fit
     if dense.eval is not None:
         s["eval"] = {"dense": dense.eval, "pruned": pruned.eval}
     if dense.bias is not None:
@@ -282,10 +289,11 @@ def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, afte
     return s
 
 
-def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
+def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -> PruneResult:
     """Run one pruning job (width, depth or hybrid, or a replayed plan) as described by ``config``.
 
     Exports to ``config.out`` unless ``save`` is False; returns the pruned model and the summary.
+    ``keep_dense`` keeps a copy of the unpruned model in ``result.dense`` (a distillation teacher).
     """
     config.validate()
     t0 = time.perf_counter()
@@ -330,13 +338,15 @@ def prune(config: PruneConfig, *, save: bool = True) -> PruneResult:
                 refit_batches, _ = calibrate(config, loaded.tokenizer, recorded)
         plan.weights = compute_weights(model, spec, plan, refit_batches, device, progress=config.runtime.progress)
         timings["refit_s"] = time.perf_counter() - t
+    dense_copy = copy.deepcopy(model) if keep_dense else None
     t = time.perf_counter()
     apply_plan(model, plan, spec)
     timings["surgery_s"] = time.perf_counter() - t
     pruned = measure(model, loaded, held, inputs, config, device, "pruned", timings)
 
     summary = summarize(config, out, plan, before, _shape(model, spec), dense, pruned, held, job.notes)
-    result = PruneResult(model=model, tokenizer=loaded.tokenizer, plan=plan, summary=summary, out=None, timings=timings)
+    result = PruneResult(model=model, tokenizer=loaded.tokenizer, plan=plan, summary=summary, out=None, timings=timings,
+                         dense=dense_copy)
     if save:
         t = time.perf_counter()
         run_info = {"config": config.to_dict(), "seed": config.calib.seed, "versions": versions(),

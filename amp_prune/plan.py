@@ -96,7 +96,9 @@ class PrunePlan:
     split: list[dict] = field(default_factory=list)  # every attention/MLP split considered, with its proxy scores
     refit: str = "none"  # none | onepass | sequential: least-squares refit of the kept o_proj/down_proj columns
     standin: bool = False  # dropped spans replaced by a linear map folded into the previous down_proj
-    damp: float = 0.0  # ridge damping of the refit and the stand-in
+    damp: float = 0.0  # ridge damping of the width refit (and of the stand-in when standin_damp is None)
+    standin_damp: float | str | None = None  # "auto" (cross-validated per span) or a number; None: use damp
+    standin_fit: list[dict] = field(default_factory=list)  # per span: the damping used and held-out scores
     calibration: dict | None = None  # the calibration settings the refit used (a replay recomputes it from them)
     weights: dict | None = field(default=None, repr=False, compare=False)  # in memory only: block -> {o, down}
 

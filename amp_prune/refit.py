@@ -7,7 +7,8 @@
 
 A run and a replay of its plan call the same function with the same calibration settings
 (``plan.calibration``), so both give the same model. Nothing here mutates the model: the weights
-go to :func:`amp_prune.surgery.apply_plan`.
+go to :func:`amp_prune.surgery.apply_plan`. The plan's ``standin_fit`` records what each span's
+stand-in used (its damping, or none), as a record only: a replay recomputes it the same way.
 """
 
 from __future__ import annotations
@@ -36,8 +37,13 @@ def compute_weights(model: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: 
         weights = {i: w for i, w in cand.weights.items() if i not in plan.removed_layers}
     if plan.standin and plan.removed_layers:
         layers = spec.get_layers(model)
-        for k, t in fit_standins(model, spec, batches, plan.removed_layers, device, damp=plan.damp,
-                                 progress=progress).items():
+        ridge = plan.damp if plan.standin_damp is None else plan.standin_damp
+        fits = fit_standins(model, spec, batches, plan.removed_layers, device, damp=ridge, progress=progress)
+        plan.standin_fit = [f.record() for f in fits.values()]
+        for k, fit in fits.items():
+            if fit.t is None:  # plain dropping beat every damping on held-out tokens
+                continue
+            t = fit.t
             down = spec.down_proj(layers[k])
             _, cols = kept_columns(plan.layers[k], d)
             base = weights.get(k, {}).get("down")

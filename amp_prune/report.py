@@ -54,6 +54,8 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
     lines += [f"note: {n}" for n in s.get("notes", [])]
     if s.get("split"):
         lines.append(format_split(s["split"]))
+    if s.get("standin"):
+        lines.append(format_standin(s["standin"]))
     target = f"target {s['target_ratio']:.0%}" if s.get("target_ratio") is not None else s["method"]
     lines.append(f"removed {s['achieved_ratio']:.2%} of all parameters ({target}); "
                  f"wall time {timings.get('total_s', 0):.1f}s, peak RSS {timings.get('peak_rss_mb', 0):.0f} MiB")
@@ -68,6 +70,23 @@ def format_split(split: list[dict]) -> str:
     cells = [f"{c['attn_units']} attention units + {c['channels']} channels: loss {c['calib_loss']:.3f}"
              + (" (chosen)" if c["chosen"] else "") for c in split]
     return "split (removed per block): " + "; ".join(cells)
+
+
+def format_standin(fits: list[dict]) -> str:
+    """Each dropped span's stand-in: the damping used (or none) and the held-out share left unexplained."""
+    cells = []
+    for f in fits:
+        a, b = f["span"]
+        span = f"block {a}" if a == b else f"blocks {a}-{b}"
+        sc = f.get("heldout_unexplained") or {}
+        if f["damp"] is None:
+            cells.append(f"{span}: none (plain dropping leaves {sc['identity']:.3f} unexplained; no fit did better)")
+        elif sc:
+            cells.append(f"{span}: damp {f['damp']:g}, held-out unexplained {sc[str(f['damp'])]:.3f} "
+                         f"(plain dropping {sc['identity']:.3f})")
+        else:
+            cells.append(f"{span}: damp {f['damp']:g}")
+    return "stand-in: " + "; ".join(cells)
 
 
 def step_scores(step: Step, criterion: str) -> list[float] | None:
@@ -143,9 +162,12 @@ def plot_steps(plan: PrunePlan, path: str | Path) -> None:
 
 
 def format_finetune(s: dict) -> str:
-    return (f"LoRA recovery: {s['steps']} steps on {s['train_examples']} {s['data_kind']} examples"
+    kl = (f", KL to the teacher {s['kl_before']:.3f} -> {s['kl_after']:.3f}" if s.get("kl_before") is not None
+          else "")
+    return (f"{s.get('mode', 'LoRA recovery')}: {s['steps']} steps ({s.get('loss', 'lm')} loss) on "
+            f"{s['train_examples']} {s['data_kind']} examples"
             + (f" (resumed at step {s['resumed_from']})" if s["resumed_from"] else "")
-            + f"; held-out perplexity {s['ppl_before']:.2f} -> {s['ppl_after']:.2f}; {s['total_s']:.0f}s\n"
+            + f"; held-out perplexity {s['ppl_before']:.2f} -> {s['ppl_after']:.2f}{kl}; {s['total_s']:.0f}s\n"
             f"saved to {s['out']}; reloaded with from_pretrained, logits match (max |diff| "
             f"{s['export_max_abs_diff']:.1e})")
 

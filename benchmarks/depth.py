@@ -89,12 +89,13 @@ def quality(args, lm, calib, device) -> list[dict]:
         search_s = time.perf_counter() - t
         name = (f"{crit} ({rep})" if crit in ("cka", "consensus") else crit) + (" one-shot" if one_shot else "")
         for standin in (False, True):
-            plan.standin, plan.damp, plan.weights = standin, args.damp, None
+            plan.standin, plan.standin_damp, plan.weights = standin, args.standin_damp if standin else None, None
             record(name + (" + stand-in" if standin else ""), plan, search_s, str(plan.removed_layers))
     for label, opts in (("", dict(attn_units="uniform", refit="none", standin=False)),
                         (" + refit + stand-in", dict(attn_units="auto", refit="onepass", standin=True))):
         t = time.perf_counter()
-        plan = plan_hybrid(dense, lm.spec, calib, ratio, device=device, progress=False, damp=args.damp, **opts)
+        plan = plan_hybrid(dense, lm.spec, calib, ratio, device=device, progress=False, damp=args.damp,
+                           standin_damp=args.standin_damp, **opts)
         record("hybrid (pooled)" + label, plan, time.perf_counter() - t,
                "choices " + "".join(st.choice[0] for st in plan.steps))
     for split, refit in (("uniform", "none"), ("auto", "onepass")):
@@ -123,7 +124,9 @@ def main() -> None:
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--seq-len", type=int, default=256)
     ap.add_argument("--random-trials", type=int, default=5)
-    ap.add_argument("--damp", type=float, default=0.01)
+    ap.add_argument("--damp", type=float, default=0.01, help="ridge damping of the width refit")
+    ap.add_argument("--standin-damp", type=lambda v: v if v == "auto" else float(v), default="auto",
+                    help="damping of the stand-in: auto (cross-validated, the CLI default) or a number")
     ap.add_argument("--all-criteria", action="store_true",
                     help="also cka per-token, kl and one-shot cka (about 9 more CPU minutes)")
     ap.add_argument("--device", default="auto")

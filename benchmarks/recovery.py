@@ -1,10 +1,14 @@
-"""LoRA recovery of SmolLM2 pruned by AMP: WikiText-2 perplexity before and after, and the time.
+"""Recovery of SmolLM2 pruned at --ratio: LM-loss LoRA against distillation (LoRA and full), at equal steps and tokens.
 
     python benchmarks/recovery.py --ratio 0.3 --steps 100
+    python benchmarks/recovery.py --steps 100 300 --variants kd-lora kd-full
 
-Trains on the packaged C4 sample (plain text), which is disjoint from the WikiText-2 test text.
-Each model also gets the 5-task zero-shot average (lm-eval on the local copies in shared/data,
-first --limit examples per task, the settings of benchmarks/quality.py).
+The model is pruned once with the CLI defaults (AMP, auto split, one-pass refit), and every
+variant starts from that same checkpoint. Training data is the packaged C4 sample (plain text),
+disjoint from the WikiText-2 test text the perplexity is measured on (40 x 256 tokens); its first
+16 chunks are held out for the fine-tune's own before/after figure. Each model also gets the
+5-task zero-shot average (lm-eval on the local copies in shared/data, first --limit examples per
+task, the settings of benchmarks/quality.py). Rows are printed (and saved) as they finish.
 """
 
 from __future__ import annotations
@@ -21,11 +25,19 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, save_json, wikitext_text  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
-from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
-from amp_prune.config import FinetuneConfig
-from amp_prune.recover.finetune import finetune  # noqa: E402
-from amp_prune.eval.local_tasks import FIVE  # noqa: E402
+from amp_prune.config import FinetuneConfig  # noqa: E402
 from amp_prune.eval.harness import evaluate_model  # noqa: E402
+from amp_prune.eval.local_tasks import FIVE  # noqa: E402
+from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
+from amp_prune.recover.finetune import finetune  # noqa: E402
+
+VARIANTS = {  # name -> FinetuneConfig overrides
+    "lm-lora": dict(loss="lm"),
+    "kd-lora": dict(loss="kd"),
+    "kd-full": dict(loss="kd", full=True),
+    "kd+lm-lora": dict(loss="kd+lm"),
+}
+COLUMNS = ["model", "steps", "sequences", "wikitext2 ppl", "5-task avg", "held-out C4 ppl", "KL to dense", "fine-tune s"]
 
 
 def measure(path: str, args) -> tuple[float, float | None]:
@@ -40,38 +52,59 @@ def measure(path: str, args) -> tuple[float, float | None]:
     return ppl, res["avg5"]
 
 
+def pct(x: float | None) -> str:
+    return "" if x is None else f"{100 * x:.2f}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--ratio", type=float, default=0.3)
-    ap.add_argument("--steps", type=int, default=100)
+    ap.add_argument("--steps", type=int, nargs="+", default=[100])
+    ap.add_argument("--variants", nargs="+", choices=list(VARIANTS), default=list(VARIANTS))
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--seq-len", type=int, default=256)
-    ap.add_argument("--lr", type=float, default=3e-4)
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--lr", type=float, help="learning rate of every variant (default: the CLI's per mode)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=60, help="examples per task for the 5-task average (0: skip)")
     ap.add_argument("--json")
     args = ap.parse_args()
-    with tempfile.TemporaryDirectory() as tmp:
-        pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0, progress=False))
-        t = time.perf_counter()
-        s = finetune(FinetuneConfig(model=pruned.out, data="builtin:c4", out=f"{tmp}/r", steps=args.steps,
-                                    batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr, progress=False))
-        ft_s = time.perf_counter() - t
-        dense, before, after = measure(args.model, args), measure(pruned.out, args), measure(f"{tmp}/r", args)
+    rows = []
 
-    def pct(x):
-        return "" if x is None else f"{100 * x:.2f}"
-    rows = [{"model": "dense", "wikitext2 ppl": dense[0], "5-task avg": pct(dense[1])},
-            {"model": f"AMP {args.ratio}", "wikitext2 ppl": before[0], "5-task avg": pct(before[1])},
-            {"model": f"AMP {args.ratio} + LoRA {args.steps} steps", "wikitext2 ppl": after[0],
-             "5-task avg": pct(after[1]), "held-out C4 ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}",
-             "fine-tune s": ft_s}]
-    print(f"\n{args.model}, CPU; LoRA r=8 alpha=16 lr={args.lr}, {args.steps} steps x {args.batch_size} x "
-          f"{args.seq_len} tokens of the packaged C4 sample; WikiText-2 test {args.windows} x 256 tokens; 5-task "
-          f"average (acc_norm, WinoGrande acc) on the first {args.limit} examples per task\n")
-    print_table(rows, ["model", "wikitext2 ppl", "5-task avg", "held-out C4 ppl", "fine-tune s"])
-    save_json(args.json, rows)
+    def add(row: dict) -> None:
+        rows.append(row)
+        print(row, flush=True)
+        save_json(args.json, rows)
+
+    with tempfile.TemporaryDirectory() as tmp:
+        t = time.perf_counter()
+        pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0,
+                                             progress=False))
+        prune_s = time.perf_counter() - t
+        for name, (ppl, avg) in (("dense", measure(args.model, args)), (f"pruned {args.ratio}", measure(pruned.out, args))):
+            add({"model": name, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
+                 "fine-tune s": f"(prune {prune_s:.0f} s)" if name != "dense" else ""})
+        for steps in args.steps:
+            for name in args.variants:
+                out = f"{tmp}/{name}-{steps}"
+                t = time.perf_counter()
+                s = finetune(FinetuneConfig(model=pruned.out, data="builtin:c4", out=out, steps=steps,
+                                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
+                                            temperature=args.temperature, progress=False, device="cpu",
+                                            **VARIANTS[name]))
+                ft_s = time.perf_counter() - t
+                ppl, avg = measure(out, args)
+                kl = f"{s['kl_before']:.3f} -> {s['kl_after']:.3f}" if s.get("kl_before") is not None else ""
+                add({"model": f"{name} (lr {s['lr']:g})", "steps": steps,
+                     "sequences": steps * args.batch_size, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
+                     "held-out C4 ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}", "KL to dense": kl,
+                     "fine-tune s": ft_s})
+    print(f"\n{args.model} pruned at {args.ratio} (CLI defaults), CPU {torch.get_num_threads()} threads; "
+          f"batches of {args.batch_size} x {args.seq_len} tokens of the packaged C4 sample, tau={args.temperature}; "
+          f"WikiText-2 test {args.windows} x 256 tokens; 5-task average (acc_norm, WinoGrande acc) on the first "
+          f"{args.limit} examples per task\n")
+    print_table(rows, COLUMNS)
 
 
 if __name__ == "__main__":

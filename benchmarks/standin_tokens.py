@@ -3,7 +3,8 @@
     python benchmarks/standin_tokens.py
 
 The blocks are the ones ``--method cka --layers 6`` drops (13-18, see docs/results.md); only the
-data the linear map ``T`` is fitted on changes. WikiText-2 test, 40 x 256 tokens, as elsewhere.
+data the linear map ``T`` is fitted on and its damping change (``auto``: cross-validated,
+see :mod:`amp_prune.depth.standin`; the held-out columns are its 4-fold scores). WikiText-2 test, 40 x 256 tokens, as elsewhere.
 """
 
 from __future__ import annotations
@@ -34,15 +35,19 @@ def main() -> None:
     rows = []
     for n, t in [(16, 128), (64, 256), (64, 512)]:
         calib, _ = build_batches(lm.tokenizer, num_samples=n, seq_len=t)
-        for damp in ([0.01, 0.1, 1.0] if n == 16 else [0.01, 0.1]):
+        for damp in (["auto", 0.01, 0.1, 1.0] if n == 16 else ["auto", 0.01, 0.1]):
             plan = PrunePlan.blocks_only("llama", lm.spec.dims(lm.model.config), BLOCKS, criterion="cka",
-                                         target_ratio=0.0, standin=True, damp=damp)
+                                         target_ratio=0.0, standin=True, standin_damp=damp)
             plan.weights = compute_weights(lm.model, lm.spec, plan, calib, cpu, progress=False)
             model = apply_plan(copy.deepcopy(lm.model), plan, lm.spec)
-            rows.append({"calibration": f"{n} x {t}", "real tokens": sum(b.num_tokens for b in calib), "damp": damp,
+            fit = plan.standin_fit[0]
+            rows.append({"calibration": f"{n} x {t}", "real tokens": sum(b.num_tokens for b in calib),
+                         "damp": damp if damp != "auto" else f"auto -> {fit['damp']}",
+                         "held-out unexplained": (fit["heldout_unexplained"] or {}).get(str(fit["damp"]), "-"),
+                         "plain dropping": (fit["heldout_unexplained"] or {}).get("identity", "-"),
                          "wikitext2 ppl": perplexity(model, lm.spec, wiki, cpu)})
             print(rows[-1], flush=True)
-    print_table(rows, ["calibration", "real tokens", "damp", "wikitext2 ppl"])
+    print_table(rows, ["calibration", "real tokens", "damp", "held-out unexplained", "plain dropping", "wikitext2 ppl"])
 
 
 if __name__ == "__main__":

@@ -45,11 +45,21 @@ def model_card(s: dict, max_abs_diff: float) -> str:
 
 def finetune_card(s: dict, c) -> str:
     """Card of a recovered model from the fine-tuning summary ``s`` and its ``FinetuneConfig`` ``c``."""
-    return "\n".join([
-        "---", "library_name: transformers", "tags: [pruned, amp-prune, lora-recovered]", "---", "",
-        f"# {s['name']}", "", f"`{s['source']}` after LoRA recovery by amp-prune, merged into the base weights.", "",
-        f"- data: `{c.data}` ({s['data_kind']}), {s['train_examples']} training examples, {s['steps']} steps of "
-        f"{c.batch_size} x {c.grad_accum} sequences of <= {c.seq_len} tokens",
-        f"- LoRA r={c.lora_r}, alpha={c.lora_alpha}, dropout={c.lora_dropout}, lr={c.lr} (linear schedule)",
-        f"- held-out perplexity ({s['heldout_examples']} examples not trained on): {s['ppl_before']:.2f} -> "
-        f"{s['ppl_after']:.2f}", "", *_load_section(s["name"])])
+    tag = "full-finetuned" if c.full else "lora-recovered"
+    how = ("by full fine-tuning" if c.full else "by LoRA, merged into the base weights")
+    trained = (f"- full fine-tuning, AdamW, lr={s['lr']} (linear schedule)" if c.full else
+               f"- LoRA r={c.lora_r}, alpha={c.lora_alpha}, dropout={c.lora_dropout}, lr={s['lr']} (linear schedule)")
+    loss = {"kd": f"distillation from `{s['teacher']}` (tau^2 KL, tau={c.temperature})",
+            "lm": "next-token cross-entropy",
+            "kd+lm": f"distillation from `{s['teacher']}` (tau={c.temperature}) + {c.lm_weight} x next-token "
+                     "cross-entropy"}[c.loss]
+    kl = (f"- held-out KL to the teacher: {s['kl_before']:.3f} -> {s['kl_after']:.3f} nats/token"
+          if s.get("kl_before") is not None else None)
+    lines = ["---", "library_name: transformers", f"tags: [pruned, amp-prune, {tag}]", "---", "",
+             f"# {s['name']}", "", f"`{s['source']}` after recovery by amp-prune, {how}.", "",
+             f"- data: `{c.data}` ({s['data_kind']}), {s['train_examples']} training examples, {s['steps']} steps of "
+             f"{c.batch_size} x {c.grad_accum} sequences of <= {c.seq_len} tokens",
+             f"- loss: {loss}", trained,
+             f"- held-out perplexity ({s['heldout_examples']} examples not trained on): {s['ppl_before']:.2f} -> "
+             f"{s['ppl_after']:.2f}", *([kl] if kl else []), "", *_load_section(s["name"])]
+    return "\n".join(lines)

@@ -1,10 +1,16 @@
-"""LoRA recovery of a pruned model, merged into a plain HF checkpoint.
+"""Recovery of a pruned model (LoRA or full fine-tuning), by distillation or the LM loss, exported as a plain HF checkpoint.
 
-LoRA (through peft) on every attention and MLP projection; the defaults follow the AMP
-reference: r=8, alpha=16, dropout 0.05, lr 3e-4. After training, ``W' = W + (alpha/r) B A``
-is merged into the base weights and exported with the same atomic write, model card and
-reload check as pruning. A checkpoint (adapter, optimizer, scheduler, RNG state) is written
-every ``save_every`` steps and on Ctrl-C; rerunning the same command resumes from it.
+* LoRA (through peft) on every attention and MLP projection; the defaults follow the AMP
+  reference: r=8, alpha=16, dropout 0.05, lr 3e-4. After training, ``W' = W + (alpha/r) B A``
+  is merged into the base weights. ``--full`` trains every weight with AdamW instead (lr 5e-5).
+* The loss (:mod:`amp_prune.recover.distill`): ``kd`` (default) distils the dense teacher,
+  ``tau^2 KL(p_teacher || p_student)``; ``lm`` is next-token cross-entropy; ``kd+lm`` adds both.
+  Either is computed on the labelled tokens only (real tokens; responses for instruction data).
+
+The result is exported with the same atomic write, model card and reload check as pruning.
+A checkpoint (trained weights, optimizer, scheduler, RNG state) is written every
+``save_every`` steps and on Ctrl-C; rerunning the same command resumes from it exactly (the
+teacher's logits are recomputed, never cached).
 """
 
 from __future__ import annotations
@@ -27,7 +33,9 @@ from amp_prune.errors import AmpPruneError
 from amp_prune.io.card import finetune_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.load import load_model, resolve_device, resolve_dtype
-from amp_prune.recover.data import IGNORE, TrainBatch, load_examples, to_train_batches
+from amp_prune.recover.data import TrainBatch, load_examples, to_train_batches
+from amp_prune.recover.distill import (check_teacher, kd_loss, label_mask, lm_loss, prepare_teacher,
+                                       resolve_teacher)
 
 log = logging.getLogger(__name__)
 
@@ -37,45 +45,108 @@ def loss_perplexity(model, batches: list[TrainBatch], device: torch.device) -> f
     """``exp`` of the mean next-token NLL over label tokens (``labels != -100``)."""
     nll, n = 0.0, 0
     for b in batches:
-        logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits.float()
-        tgt = b.labels[:, 1:].to(device)
-        keep = tgt != IGNORE
-        if keep.any():
-            nll += torch.nn.functional.cross_entropy(logits[:, :-1][keep], tgt[keep], reduction="sum").item()
-            n += int(keep.sum())
+        logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
+        labels = b.labels.to(device)
+        k = int(label_mask(labels).sum())
+        if k:
+            nll += lm_loss(logits, labels).item() * k
+            n += k
     return math.exp(nll / n) if n else float("nan")
+
+
+@torch.no_grad()
+def heldout_kl(model, teacher, batches: list[TrainBatch], device: torch.device) -> float:
+    """Mean ``KL(p_teacher || p_student)`` (tau = 1) per labelled token of ``batches``."""
+    total, n = 0.0, 0
+    for b in batches:
+        ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
+        k = int(label_mask(labels).sum())
+        if k:
+            s = model(input_ids=ids, attention_mask=mask).logits
+            t = teacher(input_ids=ids, attention_mask=mask).logits
+            total += kd_loss(s, t, label_mask(labels), 1.0).item() * k
+            n += k
+    return total / n if n else float("nan")
 
 
 def _ckpt_dir(out: Path) -> Path:
     return out.parent / f".{out.name}.finetune-ckpt"
 
 
-def _fingerprint(cfg: FinetuneConfig) -> dict:
+def _fingerprint(cfg: FinetuneConfig, teacher: str | None) -> dict:
     keep = ("model", "data", "lr", "lora_r", "lora_alpha", "lora_dropout", "seq_len", "batch_size", "grad_accum",
-            "seed", "steps", "epochs", "warmup_ratio", "eval_samples", "data_field")
-    return {k: getattr(cfg, k) for k in keep}
+            "seed", "steps", "epochs", "warmup_ratio", "eval_samples", "data_field", "loss", "temperature",
+            "lm_weight", "full")
+    return {**{k: getattr(cfg, k) for k in keep}, "teacher": teacher}
 
 
-def _save_ckpt(path: Path, peft_model, opt, sched, step: int, rng: torch.Tensor, cfg: FinetuneConfig) -> None:
+def _trained_state(model, full: bool) -> dict:
     from peft import get_peft_model_state_dict
+    return model.state_dict() if full else get_peft_model_state_dict(model)
+
+
+def _save_ckpt(path: Path, model, opt, sched, step: int, rng: torch.Tensor, fingerprint: dict, full: bool) -> None:
     tmp = path.with_name(path.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    torch.save({"adapter": get_peft_model_state_dict(peft_model), "optimizer": opt.state_dict(),
+    torch.save({"weights": _trained_state(model, full), "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(), "step": step, "rng": rng}, tmp / "state.pt")
-    (tmp / "config.json").write_text(json.dumps(_fingerprint(cfg)))
+    (tmp / "config.json").write_text(json.dumps(fingerprint))
     shutil.rmtree(path, ignore_errors=True)
     tmp.rename(path)
 
 
-def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = None) -> dict:
-    """Train LoRA adapters on ``config.data``, merge them, export to ``config.out``; return the summary."""
-    from peft import LoraConfig, get_peft_model, set_peft_model_state_dict
-    from transformers import get_scheduler
+def _load_teacher(config: FinetuneConfig, name: str | None, student, tokenizer, device, dtype, given):
+    """The teacher (``given`` in-memory ``(model, tokenizer)`` wins), checked against the student's vocabulary."""
+    if config.loss == "lm":
+        return None
+    if given is not None:
+        model, tok = given
+    else:
+        t = load_model(name, device=device, dtype=dtype)
+        model, tok = t.model, t.tokenizer
+    check_teacher(model, tok, student, tokenizer, name or "in memory")
+    return prepare_teacher(model.to(device), dtype)
 
+
+def _wrap(model, config: FinetuneConfig, spec):
+    """``(trainable model, its trained parameters)``: a peft LoRA wrapper, or the model itself with ``--full``."""
+    if config.full:
+        model.requires_grad_(True)
+        return model, [p for p in model.parameters() if p.requires_grad]
+    from peft import LoraConfig, get_peft_model
+    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
+                      target_modules=spec.projection_names(), task_type="CAUSAL_LM")
+    wrapped = get_peft_model(model, lora)
+    return wrapped, [p for p in wrapped.parameters() if p.requires_grad]
+
+
+def _objective(model, teacher, b: TrainBatch, config: FinetuneConfig, device) -> torch.Tensor:
+    """The training loss of one micro-batch (see module docstring)."""
+    ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
+    logits = model(input_ids=ids, attention_mask=mask).logits
+    loss = lm_loss(logits, labels) * (config.lm_weight if config.loss == "kd+lm" else 1.0) \
+        if config.loss != "kd" else 0.0
+    if teacher is not None:
+        with torch.no_grad():
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+        loss = loss + kd_loss(logits, t_logits, label_mask(labels), config.temperature)
+    return loss
+
+
+def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = None,
+             teacher: tuple | None = None) -> dict:
+    """Recover ``config.model`` on ``config.data``, export to ``config.out``; return the summary.
+
+    ``teacher`` is an in-memory ``(model, tokenizer)`` (the ``--finetune`` chain passes the dense
+    model it already holds); otherwise ``--teacher`` or the source in the model's ``run.json`` is loaded.
+    """
     config.validate()
     t0 = time.perf_counter()
     out = check_out_dir(config.out or config.default_out(), overwrite=config.overwrite)
+    teacher_name = config.teacher
+    if config.loss != "lm" and teacher is None:
+        teacher_name = resolve_teacher(config.model, config.teacher)  # before any load
     device = resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     lm = load_model(config.model, device=device, dtype=dtype)
@@ -86,39 +157,44 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     if len(examples) <= config.eval_samples:
         raise AmpPruneError(f"training data {config.data} has {len(examples)} examples; it needs more than "
                             f"--eval-samples {config.eval_samples}")
+    t_model = _load_teacher(config, teacher_name, lm.model, tok, device, dtype, teacher)
     pad = tok.pad_token_id if tok.pad_token_id is not None else 0
     held = to_train_batches(examples[:config.eval_samples], config.batch_size, pad)
     train = to_train_batches(examples[config.eval_samples:], config.batch_size, pad)
     per_epoch = math.ceil(len(train) / config.grad_accum)
     total_steps = config.steps or max(1, round((config.epochs or 1.0) * per_epoch))
     ppl_before = loss_perplexity(lm.model, held, device) if held else float("nan")
+    kl_before = heldout_kl(lm.model, t_model, held, device) if held and t_model is not None else None
 
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing:
         lm.model.gradient_checkpointing_enable()
         lm.model.enable_input_require_grads()
-    lora = LoraConfig(r=config.lora_r, lora_alpha=config.lora_alpha, lora_dropout=config.lora_dropout,
-                      target_modules=lm.spec.projection_names(), task_type="CAUSAL_LM")
-    model = get_peft_model(lm.model, lora)
-    params = [p for p in model.parameters() if p.requires_grad]
-    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    model, params = _wrap(lm.model, config, lm.spec)
+    opt = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=0.0)
+    from transformers import get_scheduler
     sched = get_scheduler("linear", opt, num_warmup_steps=round(config.warmup_ratio * total_steps),
                           num_training_steps=total_steps)
-    ckpt = _ckpt_dir(out)
+    ckpt, fingerprint = _ckpt_dir(out), _fingerprint(config, teacher_name)
     start = 0
     if (ckpt / "state.pt").is_file():
-        if json.loads((ckpt / "config.json").read_text()) != _fingerprint(config):
+        if json.loads((ckpt / "config.json").read_text()) != fingerprint:
             raise AmpPruneError(f"checkpoint {ckpt} is from a run with other settings; delete it to start afresh")
         state = torch.load(ckpt / "state.pt", weights_only=False)
-        set_peft_model_state_dict(model, state["adapter"])
+        if config.full:
+            model.load_state_dict(state["weights"])
+        else:
+            from peft import set_peft_model_state_dict
+            set_peft_model_state_dict(model, state["weights"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         torch.set_rng_state(state["rng"])
         start = state["step"]
         log.info("resuming from step %d (%s)", start, ckpt)
 
+    mode = "full fine-tuning" if config.full else "LoRA fine-tuning"
     model.train()
-    bar = tqdm(range(start, total_steps), desc=f"LoRA fine-tuning ({kind})", disable=not config.progress,
+    bar = tqdm(range(start, total_steps), desc=f"{mode} ({config.loss}, {kind})", disable=not config.progress,
                initial=start, total=total_steps)
     losses: list[float] = []
     completed, rng = start, torch.get_rng_state()  # saved on interrupt: the last finished step and the RNG after it
@@ -130,9 +206,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
             for micro in range(config.grad_accum):
                 g = step * config.grad_accum + micro
                 perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + g // len(train)))
-                b = train[perm[g % len(train)]]
-                loss = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device),
-                             labels=b.labels.to(device)).loss / config.grad_accum
+                loss = _objective(model, t_model, train[perm[g % len(train)]], config, device) / config.grad_accum
                 loss.backward()
                 loss_sum += loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -143,23 +217,32 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
             losses.append(loss_sum)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
             if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                _save_ckpt(ckpt, model, opt, sched, step + 1, torch.get_rng_state(), config)
+                _save_ckpt(ckpt, model, opt, sched, step + 1, torch.get_rng_state(), fingerprint, config.full)
     except KeyboardInterrupt:
-        _save_ckpt(ckpt, model, opt, sched, completed, rng, config)
+        _save_ckpt(ckpt, model, opt, sched, completed, rng, fingerprint, config.full)
         raise AmpPruneError(f"interrupted after step {completed}/{total_steps}; checkpoint saved to {ckpt}; "
                             f"rerun the same command to resume") from None
     bar.close()
     model.eval()
-    merged = model.merge_and_unload()
+    merged = model if config.full else model.merge_and_unload()
+    merged.requires_grad_(False)
     ppl_after = loss_perplexity(merged, held, device) if held else float("nan")
-    summary = {"name": out.name, "source": config.model, "method": f"LoRA recovery ({kind} data, {total_steps} steps)",
-               "steps": total_steps, "resumed_from": start, "final_loss": losses[-1] if losses else None,
-               "ppl_before": ppl_before, "ppl_after": ppl_after, "train_examples": len(examples) - config.eval_samples,
+    kl_after = heldout_kl(merged, t_model, held, device) if kl_before is not None else None
+    teacher_label = (f"{teacher_name or 'the dense model'} (in memory)" if teacher is not None and t_model is not None
+                     else teacher_name if t_model is not None else None)
+    what = "full fine-tuning" if config.full else "LoRA recovery"
+    summary = {"name": out.name, "source": config.model, "steps": total_steps, "resumed_from": start,
+               "method": f"{what} ({config.loss} loss, {kind} data, {total_steps} steps)", "mode": what,
+               "loss": config.loss, "teacher": teacher_label, "temperature": config.temperature,
+               "lr": config.learning_rate, "final_loss": losses[-1] if losses else None,
+               "ppl_before": ppl_before, "ppl_after": ppl_after, "kl_before": kl_before, "kl_after": kl_after,
+               "train_examples": len(examples) - config.eval_samples,
                "heldout_examples": config.eval_samples, "data_kind": kind}
     timings = {"total_s": time.perf_counter() - t0}
+    run_config = {**asdict(config), "teacher": teacher_name if t_model is not None else None}
     check = export(merged, tok, out, check_batches=[Batch(b.input_ids, b.attention_mask) for b in (held or train)[:1]],
                    device=device, spec=lm.spec, overwrite=config.overwrite, input_path=lm.path,
-                   files={"run.json": {"config": asdict(config), "summary": summary, "timings": timings,
+                   files={"run.json": {"config": run_config, "summary": summary, "timings": timings,
                                        "losses": losses}},
                    card=lambda _diff: finetune_card(summary, config))
     shutil.rmtree(ckpt, ignore_errors=True)

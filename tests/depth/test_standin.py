@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 from conftest import random_batches
 from test_surgery import logits
@@ -13,7 +14,7 @@ from transformers import AutoModelForCausalLM
 
 from amp_prune import PruneConfig, prune
 from amp_prune.arch import get_spec
-from amp_prune.depth.standin import fit_standins, spans
+from amp_prune.depth.standin import DAMP_GRID, choose, fit_standins, heldout_error, spans
 from amp_prune.plan import PrunePlan
 from amp_prune.refit import compute_weights
 from amp_prune.surgery import apply_plan
@@ -55,7 +56,7 @@ def test_folding_the_stand_in_reproduces_a_linear_block():
     ref = linear_block_model()
     plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [1], criterion="test", target_ratio=0.0,
                                  standin=True, damp=1e-10)
-    t = fit_standins(model, spec, batches, [1], CPU, damp=1e-10, progress=False)[0]
+    t = fit_standins(model, spec, batches, [1], CPU, damp=1e-10, progress=False)[0].t
     torch.testing.assert_close(t.float(), torch.eye(64) + ref.model.layers[1].a, atol=1e-4, rtol=1e-4)  # T = I + A
     apply_plan(model, plan, spec, compute_weights(model, spec, plan, batches, CPU, progress=False))
     plain = apply_plan(linear_block_model(), PrunePlan.blocks_only("llama", plan.dims, [1], criterion="t",
@@ -71,7 +72,7 @@ def test_spans_and_one_map_per_span():
     model, spec = tiny_model("mistral", layers=6), get_spec("mistral")
     ts = fit_standins(model, spec, random_batches(), [0, 2, 3, 5], CPU, damp=0.01, progress=False)
     assert sorted(ts) == [1, 4]  # the span at block 0 has no earlier block to fold into
-    assert all(t.shape == (64, 64) for t in ts.values())
+    assert all(f.t.shape == (64, 64) for f in ts.values())
     none = fit_standins(model, spec, random_batches(), [], CPU, damp=0.01, progress=False)
     assert none == {}
 
@@ -81,6 +82,8 @@ def test_stand_in_run_exports_and_replays(tiny_dir, tmp_path):
     res = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, out=str(out), **SMALL))
     plan = json.loads((out / "pruning_plan.json").read_text())
     assert plan["standin"] is True and res.summary["export_max_abs_diff"] <= 1e-4
+    assert plan["standin_damp"] == "auto" and [f["span"] for f in plan["standin_fit"]] == [
+        [a, a] for a in res.plan.removed_layers if a >= 1]
     off = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, stand_in=False, **SMALL), save=False)
     assert off.plan.removed_layers == res.plan.removed_layers and not off.plan.standin
     k = res.plan.removed_layers[0] - 1
@@ -101,3 +104,45 @@ def test_hybrid_with_refit_candidates_exports_and_replays(tiny_dir, tmp_path):
     replay = prune(PruneConfig.from_flat(model=str(src), plan=str(out / "pruning_plan.json"), **SMALL), save=False)
     a, b = res.model.state_dict(), replay.model.state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[n], b[n]) for n in a)
+
+
+def fold_sums(m: torch.Tensor, d: torch.Tensor, k: int = 4) -> list[list[torch.Tensor]]:
+    """Per-fold ``[M^T M, M^T D, ||D||^2]`` of token rows ``m``, ``d`` ``[N, H]`` (row ``j`` in fold ``j mod k``)."""
+    out = []
+    for f in range(k):
+        mf, df = m[f::k].double(), d[f::k].double()
+        out.append([mf.T @ mf, mf.T @ df, (df * df).sum()])
+    return out
+
+
+def test_heldout_error_matches_the_direct_residual():
+    g = torch.Generator().manual_seed(0)
+    m, d, t = torch.randn(50, 8, generator=g), torch.randn(50, 8, generator=g), torch.randn(8, 8, generator=g)
+    mtm, mtd, dtd = fold_sums(m, d, k=1)[0]
+    direct = ((m.double() @ t.double() - d.double()) ** 2).sum() / (d.double() ** 2).sum()
+    assert heldout_error(t.double(), mtm, mtd, dtd) == pytest.approx(float(direct), rel=1e-9)
+    plain = ((m.double() - d.double()) ** 2).sum() / (d.double() ** 2).sum()
+    assert heldout_error(None, mtm, mtd, dtd) == pytest.approx(float(plain), rel=1e-9)
+
+
+def test_auto_damping_keeps_plain_dropping_when_the_change_is_unpredictable():
+    """The span adds noise unrelated to ``m``: with few tokens any fit only learns the noise, so ``T = I`` wins."""
+    g = torch.Generator().manual_seed(1)
+    m = torch.randn(96, 64, generator=g)
+    d = m + torch.randn(96, 64, generator=g)
+    fit = choose(fold_sums(m, d), (3, 4), "auto")
+    assert fit.t is None and fit.damp is None
+    assert fit.scores["identity"] == min(fit.scores.values())
+
+
+def test_auto_damping_fits_a_predictable_change_and_beats_plain_dropping():
+    g = torch.Generator().manual_seed(2)
+    a = torch.randn(64, 64, generator=g) * 0.2
+    m = torch.randn(4000, 64, generator=g)
+    d = m + m @ a + 0.01 * torch.randn(4000, 64, generator=g)
+    fit = choose(fold_sums(m, d), (3, 3), "auto")
+    assert fit.damp in DAMP_GRID and fit.damp <= 0.01
+    assert fit.scores[str(fit.damp)] < 0.01 * fit.scores["identity"]
+    torch.testing.assert_close(fit.t.float(), torch.eye(64) + a, atol=2e-3, rtol=0)
+    fixed = choose(fold_sums(m, d), (3, 3), 0.5)  # a number is used as given, with no cross-validation
+    assert fixed.damp == 0.5 and fixed.scores == {}

@@ -18,7 +18,7 @@ from amp_prune.config import FinetuneConfig
 from amp_prune.recover.finetune import finetune
 from amp_prune.recover.data import IGNORE, _instruction_examples, load_examples
 
-FT = dict(seq_len=32, batch_size=2, eval_samples=2, progress=False, device="cpu")
+FT = dict(seq_len=32, batch_size=2, eval_samples=2, progress=False, device="cpu", loss="lm")  # no teacher
 
 
 @pytest.fixture
@@ -63,8 +63,8 @@ def test_end_to_end_text(tiny_dir, text_file, tmp_path, capsys):
     src = tiny_dir("qwen2")
     out = tmp_path / "rec"
     assert main(["finetune", str(src), "--data", str(text_file), "--out", str(out), "--steps", "4",
-                 "--seq-len", "32", "--batch-size", "2", "--eval-samples", "2", "--no-progress"]) == 0
-    assert "LoRA recovery: 4 steps" in capsys.readouterr().out
+                 "--seq-len", "32", "--batch-size", "2", "--eval-samples", "2", "--no-progress", "--loss", "lm"]) == 0
+    assert "LoRA recovery: 4 steps (lm loss)" in capsys.readouterr().out
     run = json.loads((out / "run.json").read_text())
     assert len(run["losses"]) == 4 and run["summary"]["data_kind"] == "text"
     assert (out / "README.md").read_text().count("LoRA") >= 1
@@ -122,7 +122,8 @@ def test_checkpoint_from_other_settings_is_refused(tiny_dir, text_file, tmp_path
 def test_bad_data(tiny_dir, tmp_path, content, name, match):
     f = tmp_path / name
     f.write_text(content)
-    proc = run_cli("finetune", tiny_dir(), "--data", f, "--out", tmp_path / "o", "--steps", "2", "--seq-len", "32")
+    proc = run_cli("finetune", tiny_dir(), "--data", f, "--out", tmp_path / "o", "--steps", "2", "--seq-len", "32",
+                   "--loss", "lm")
     assert_one_line_error(proc, match)
     assert not (tmp_path / "o").exists()
 
@@ -137,5 +138,8 @@ def test_prune_then_finetune_chain(tiny_dir, text_file, tmp_path, capsys):
     assert main([str(tiny_dir("mistral")), "--ratio", "0.3", "--out", str(out), "--finetune", str(text_file),
                  "--finetune-steps", "2", *TINY]) == 0
     text = capsys.readouterr().out
-    assert "removed" in text and "LoRA recovery: 2 steps" in text
+    assert "removed" in text and "LoRA recovery: 2 steps (kd loss)" in text and "KL to the teacher" in text
+    run = json.loads((out / "run.json").read_text())
+    assert run["summary"]["teacher"] == f"{tiny_dir('mistral')} (in memory)"
+    assert run["config"]["teacher"] == str(tiny_dir("mistral"))
     assert (out / "config.json").is_file() and (tmp_path / "chain-pruned" / "pruning_plan.json").is_file()
