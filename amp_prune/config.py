@@ -123,6 +123,8 @@ class DepthConfig:
                                     "on the calibration batches, and keeps plain dropping where no damping beats it "
                                     "on held-out tokens (default %(default)s)", flag="--stand-in-damp",
                             metavar="auto|X")
+    compare_refit: bool = opt(False, "hybrid: refit both candidates of every step (width refit, depth stand-in) before "
+                                     "comparing their CKA; off by default, as it measured worse on SmolLM2")
 
     def validate(self) -> None:
         _choice(self.layer_criterion, LAYER_CRITERIA, "--layer-criterion")

@@ -31,7 +31,7 @@ from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.files import peak_rss_mb, versions, write_json
 from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype
 from amp_prune.plan import PrunePlan
-from amp_prune.refit import compute_weights
+from amp_prune.refit import compute_weights, refit_token_notes
 from amp_prune.report import plot_steps
 from amp_prune.surgery import apply_plan
 from amp_prune.width.budget import count_params, effective_mode, unit_costs
@@ -113,7 +113,7 @@ def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PruneP
     return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
                        representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
                        attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
-                       standin_damp=c.depth.standin_ridge)
+                       standin_damp=c.depth.standin_ridge, compare_refit=c.depth.compare_refit)
 
 
 PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {
@@ -316,6 +316,8 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     t = time.perf_counter()
     calib, held = calibrate(config, loaded.tokenizer)
     timings["calibration_data_s"] = time.perf_counter() - t
+    if not config.plan and config.method != "cka" and config.width.refit != "none":
+        job.notes += refit_token_notes(spec.dims(model.config), sum(b.num_tokens for b in calib))
     before = _shape(model, spec)
     dense = measure(model, loaded, held, inputs, config, device, "dense", timings)
 

@@ -82,7 +82,7 @@ def quality(args, lm, calib, device) -> list[dict]:
         print(rows[-1], flush=True)
 
     # representation matters only where CKA is used (cka, consensus, hybrid); angular/bi/kl are per token
-    for crit, rep, one_shot in args.criteria:
+    for crit, rep, one_shot in (args.criteria if "criteria" in args.parts else []):
         t = time.perf_counter()
         plan = plan_depth(dense, lm.spec, calib, args.blocks, device=device, criterion=crit, representation=rep,
                           iterative=not one_shot, progress=False)
@@ -91,25 +91,31 @@ def quality(args, lm, calib, device) -> list[dict]:
         for standin in (False, True):
             plan.standin, plan.standin_damp, plan.weights = standin, args.standin_damp if standin else None, None
             record(name + (" + stand-in" if standin else ""), plan, search_s, str(plan.removed_layers))
-    for label, opts in (("", dict(attn_units="uniform", refit="none", standin=False)),
-                        (" + refit + stand-in", dict(attn_units="auto", refit="onepass", standin=True))):
+    hybrids = {"plain": ("", dict(attn_units="uniform", refit="none", standin=False)),
+               "default": (" + final refit + stand-in (CLI default)",
+                           dict(attn_units="auto", refit="onepass", standin=True)),
+               "compare": (" + refit candidates + stand-in",
+                           dict(attn_units="auto", refit="onepass", standin=True, compare_refit=True))}
+    for label, opts in ([hybrids[h] for h in args.hybrids] if "hybrid" in args.parts else []):
         t = time.perf_counter()
         plan = plan_hybrid(dense, lm.spec, calib, ratio, device=device, progress=False, damp=args.damp,
                            standin_damp=args.standin_damp, **opts)
         record("hybrid (pooled)" + label, plan, time.perf_counter() - t,
                "choices " + "".join(st.choice[0] for st in plan.steps))
-    for split, refit in (("uniform", "none"), ("auto", "onepass")):
+    for split, refit in ((("uniform", "none"), ("auto", "onepass")) if "width" in args.parts else ()):
         t = time.perf_counter()
         plan = plan_width(dense, lm.spec, calib, ratio=ratio, mode="group", criterion="amp", attn_units=split,
                           refit=refit, damp=args.damp, ctx=ScoreContext(device, progress=False))
         record(f"amp width ({split}, refit {refit})", plan, time.perf_counter() - t)
     rand = []
-    for seed in range(args.random_trials):
+    for seed in range(args.random_trials if "random" in args.parts else 0):
         model = copy.deepcopy(dense)
         remove_blocks(model, lm.spec, random_blocks(len(lm.spec.get_layers(dense)), args.blocks, seed))
         rand.append(perplexity(model, lm.spec, wiki, device))
-    rows.append({"method": f"random blocks (mean of {args.random_trials})", "removed": rows[1]["removed"],
-                 "wikitext2 ppl": statistics.mean(rand), "blocks / shape": f"min {min(rand):.1f}, max {max(rand):.1f}"})
+    if rand:
+        rows.append({"method": f"random blocks (mean of {args.random_trials})", "removed": rows[1]["removed"],
+                     "wikitext2 ppl": statistics.mean(rand),
+                     "blocks / shape": f"min {min(rand):.1f}, max {max(rand):.1f}"})
     return rows
 
 
@@ -129,6 +135,12 @@ def main() -> None:
                     help="damping of the stand-in: auto (cross-validated, the CLI default) or a number")
     ap.add_argument("--all-criteria", action="store_true",
                     help="also cka per-token, kl and one-shot cka (about 9 more CPU minutes)")
+    ap.add_argument("--parts", nargs="+", choices=["criteria", "hybrid", "width", "random"],
+                    default=["criteria", "hybrid", "width", "random"], help="quality rows to run (default: all)")
+    ap.add_argument("--hybrids", nargs="+", choices=["plain", "default", "compare"],
+                    default=["plain", "default", "compare"],
+                    help="hybrid rows: plain candidates and no refit; plain candidates and the final plan refit "
+                         "(the CLI default); refit candidates (--compare-refit)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json")
     args = ap.parse_args()

@@ -119,3 +119,15 @@ def test_run_json_keeps_the_flat_config_keys(tiny_dir, tmp_path):
     flat = run["config"]
     assert flat["num_samples"] == 4 and flat["criterion"] == "amp" and flat["gqa_mode"] == "group"
     assert PruneConfig.from_flat(**flat).to_dict() == flat  # the record rebuilds the same config
+
+
+def test_a_refit_from_too_few_calibration_tokens_is_noted(tiny_dir):
+    from amp_prune.refit import refit_token_notes
+    assert refit_token_notes({"intermediate": 96}, 384) == []
+    assert "overfit" in refit_token_notes({"intermediate": 96}, 383)[0]
+    src = str(tiny_dir())
+    few = prune(PruneConfig.from_flat(model=src, ratio=0.3, **SMALL), save=False)  # 4 x 32 tokens, 96 inputs
+    assert any("calibration tokens" in n for n in few.summary["notes"])
+    plain = prune(PruneConfig.from_flat(model=src, ratio=0.3, refit="none", **SMALL), save=False)
+    enough = prune(PruneConfig.from_flat(model=src, ratio=0.3, **{**SMALL, "num_samples": 16}), save=False)
+    assert not any("calibration tokens" in n for n in plain.summary["notes"] + enough.summary["notes"])

@@ -95,9 +95,11 @@ def test_stand_in_run_exports_and_replays(tiny_dir, tmp_path):
     assert all(torch.equal(a[n], b[n]) for n in a)
 
 
-def test_hybrid_with_refit_candidates_exports_and_replays(tiny_dir, tmp_path):
+@pytest.mark.parametrize("compare_refit", [False, True])
+def test_hybrid_with_refit_exports_and_replays(tiny_dir, tmp_path, compare_refit):
     src, out = tiny_dir("llama_gqa"), tmp_path / "h"
-    res = prune(PruneConfig.from_flat(model=str(src), method="hybrid", ratio=0.3, out=str(out), **SMALL))
+    res = prune(PruneConfig.from_flat(model=str(src), method="hybrid", ratio=0.3, out=str(out),
+                                      compare_refit=compare_refit, **SMALL))
     plan = json.loads((out / "pruning_plan.json").read_text())
     assert plan["refit"] == "onepass" and plan["standin"] is True and plan["steps"]
     assert res.summary["export_max_abs_diff"] <= 1e-4 and abs(res.summary["achieved_ratio"] - 0.3) < 0.02
