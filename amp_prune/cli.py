@@ -14,7 +14,7 @@ import typing
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-from amp_prune.config import FinetuneConfig, PruneConfig, field_default
+from amp_prune.config import LOSSES, FinetuneConfig, PruneConfig, field_default
 from amp_prune.errors import AmpPruneError
 
 _RATIO = next(f for f in fields(PruneConfig) if f.name == "ratio")
@@ -65,15 +65,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(data_dir=data_dir_default())
     f = p.add_argument_group("recovery")
     f.add_argument("--finetune", metavar="DATA",
-                   help="after pruning, recover with LoRA on DATA, distilling the dense model already in memory "
-                        "(see `amp-prune finetune -h`); the pruned model before recovery is kept in OUT-pruned")
+                   help="after pruning, recover with LoRA on DATA (see `amp-prune finetune -h`); the pruned model "
+                        "before recovery is kept in OUT-pruned")
     f.add_argument("--finetune-steps", type=int, help="steps for --finetune (default: one epoch)")
+    f.add_argument("--finetune-loss", choices=LOSSES, default=field_default(_ft_field("loss")),
+                   help="loss for --finetune; kd and kd+lm distil the dense model already in memory (default "
+                        "%(default)s)")
     return p
+
+
+def _ft_field(name: str):
+    return next(f for f in fields(FinetuneConfig) if f.name == name)
 
 
 def build_finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amp-prune finetune",
-                                description="LoRA recovery of a (pruned) model, merged into a plain HF checkpoint.")
+                                description="Recovery of a (pruned) model: LoRA or full fine-tuning, with the LM loss or distillation "
+                                            "from the dense model, exported as a plain HF checkpoint.")
     p.add_argument("model", metavar="PRUNED_DIR")
     add_fields(p, FinetuneConfig, skip=("model",))
     p._option_string_actions["--data"].required = True
@@ -187,7 +195,8 @@ def finetune_main(argv: list[str]) -> int:
 
 def prune_config(args) -> PruneConfig:
     """The :class:`PruneConfig` of parsed prune flags (every flag is a config field, except the --finetune chain)."""
-    flat = {k: v for k, v in vars(args).items() if k not in ("verbose", "debug", "finetune", "finetune_steps")}
+    flat = {k: v for k, v in vars(args).items()
+            if k not in ("verbose", "debug", "finetune", "finetune_steps", "finetune_loss")}
     flat["ratio"] = _RATIO.default if args.ratio is None else args.ratio
     return PruneConfig.from_flat(**flat)
 
@@ -214,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
             from amp_prune.io.export import check_out_dir
             check_out_dir(final_out, overwrite=args.overwrite)
             cfg.out = final_out.rstrip("/") + "-pruned"
-            FinetuneConfig(model="", data=args.finetune, steps=args.finetune_steps).validate()
-        result = prune(cfg, keep_dense=bool(args.finetune))
+            FinetuneConfig(model="", data=args.finetune, steps=args.finetune_steps, loss=args.finetune_loss).validate()
+        distil = bool(args.finetune) and args.finetune_loss != "lm"
+        result = prune(cfg, keep_dense=distil)
         if result.plan.steps:
             print(format_steps(result.plan.steps))
         print(format_summary(result.summary, result.timings, result.out))
@@ -229,9 +239,9 @@ def main(argv: list[str] | None = None) -> int:
             ft = FinetuneConfig(model=result.out, data=args.finetune, out=final_out, steps=args.finetune_steps,
                                 seq_len=cfg.calib.seq_len, seed=cfg.calib.seed, device=cfg.runtime.device,
                                 dtype=cfg.runtime.dtype, overwrite=args.overwrite, progress=cfg.runtime.progress,
-                                teacher=cfg.model)
+                                loss=args.finetune_loss, teacher=cfg.model if distil else None)
             dense, result.model = result.dense, None  # the dense model in memory is the teacher: no second load
-            print(format_finetune(finetune(ft, teacher=(dense, result.tokenizer))))
+            print(format_finetune(finetune(ft, teacher=(dense, result.tokenizer) if distil else None)))
         return 0
     return _guard(args, run)
 

@@ -86,7 +86,7 @@ def test_kd_lowers_the_kl_to_the_recorded_teacher(pruned, text_file, tmp_path):
     src, student = pruned
     assert recorded_source(str(student)) == str(src)  # the default teacher is the dense model run.json names
     s = finetune(FinetuneConfig(model=str(student), data=str(text_file), out=str(tmp_path / "r"), steps=25, lr=3e-3,
-                                **FT))
+                                loss="kd", **FT))
     assert s["loss"] == "kd" and s["teacher"] == str(src)
     assert s["kl_after"] < 0.7 * s["kl_before"], (s["kl_before"], s["kl_after"])
     # and the KL measured independently on the held-out batches agrees with the summary
@@ -128,10 +128,10 @@ def test_full_finetune_exports_a_plain_checkpoint(pruned, text_file, tmp_path):
 
 
 def test_missing_teacher_is_a_one_line_error(tiny_dir, text_file, tmp_path):
-    proc = run_cli("finetune", tiny_dir(), "--data", text_file, "--out", tmp_path / "o", "--steps", "2")
+    proc = run_cli("finetune", tiny_dir(), "--data", text_file, "--out", tmp_path / "o", "--steps", "2", "--loss", "kd")
     assert_one_line_error(proc, "no teacher for distillation")
     proc = run_cli("finetune", tiny_dir(), "--data", text_file, "--out", tmp_path / "o", "--steps", "2",
-                   "--teacher", tmp_path / "nowhere")
+                   "--loss", "kd", "--teacher", tmp_path / "nowhere")
     assert_one_line_error(proc, "model path not found")
     assert not (tmp_path / "o").exists()
     with pytest.raises(AmpPruneError, match="no teacher"):
@@ -146,7 +146,7 @@ def test_mismatched_teacher_vocabulary_is_a_one_line_error(pruned, text_file, tm
     AutoModelForCausalLM.from_config(cfg).save_pretrained(other)
     char_tokenizer().save_pretrained(other)
     proc = run_cli("finetune", student, "--data", text_file, "--out", tmp_path / "o", "--steps", "2",
-                   "--teacher", other, "--seq-len", "32")
+                   "--loss", "kd", "--teacher", other, "--seq-len", "32")
     assert_one_line_error(proc, "vocabulary")
     assert not (tmp_path / "o").exists()
 
@@ -155,7 +155,7 @@ def test_teacher_with_lm_loss_is_refused():
     with pytest.raises(AmpPruneError, match="--teacher is only used"):
         FinetuneConfig(model="m", data="d", loss="lm", teacher="t").validate()
     with pytest.raises(AmpPruneError, match="--temperature"):
-        FinetuneConfig(model="m", data="d", temperature=0).validate()
+        FinetuneConfig(model="m", data="d", loss="kd", temperature=0).validate()
 
 
 def test_heldout_kl_is_zero_for_the_teacher_itself(pruned):

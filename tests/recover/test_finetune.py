@@ -136,7 +136,7 @@ def test_missing_data_file(tiny_dir, tmp_path):
 def test_prune_then_finetune_chain(tiny_dir, text_file, tmp_path, capsys):
     out = tmp_path / "chain"
     assert main([str(tiny_dir("mistral")), "--ratio", "0.3", "--out", str(out), "--finetune", str(text_file),
-                 "--finetune-steps", "2", *TINY]) == 0
+                 "--finetune-steps", "2", "--finetune-loss", "kd", *TINY]) == 0
     text = capsys.readouterr().out
     assert "removed" in text and "LoRA recovery: 2 steps (kd loss)" in text and "KL to the teacher" in text
     run = json.loads((out / "run.json").read_text())
