@@ -80,8 +80,9 @@ def _ft_field(name: str):
 
 def build_finetune_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="amp-prune finetune",
-                                description="Recovery of a (pruned) model: LoRA or full fine-tuning, with the LM loss or distillation "
-                                            "from the dense model, exported as a plain HF checkpoint.")
+                                description="Recovery of a (pruned) model: LoRA or full fine-tuning, with the LM "
+                                            "loss or distillation from the dense model, exported as a plain HF "
+                                            "checkpoint.")
     p.add_argument("model", metavar="PRUNED_DIR")
     add_fields(p, FinetuneConfig, skip=("model",))
     p._option_string_actions["--data"].required = True
