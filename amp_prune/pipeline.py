@@ -247,8 +247,7 @@ def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inpu
 def describe(config: PruneConfig, plan: PrunePlan) -> str:
     """One phrase for the method, as the summary and the card show it."""
     refit = f", refit={plan.refit} (damp {plan.damp})" if plan.refit != "none" else ""
-    ridge = plan.damp if plan.standin_damp is None else plan.standin_damp
-    standin = f", stand-in for the dropped blocks (damp {ridge})" if plan.standin else ""
+    standin = f", stand-in for the dropped blocks (damp {plan.standin_ridge})" if plan.standin else ""
     if plan.method == "cka":
         return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
                 f"({'one-shot' if config.depth.one_shot else 'iterative'}, {config.depth.representation} "

@@ -103,6 +103,11 @@ class PrunePlan:
     weights: dict | None = field(default=None, repr=False, compare=False)  # in memory only: block -> {o, down}
 
     @property
+    def standin_ridge(self) -> float | str:
+        """The stand-in's damping: ``standin_damp``, or ``damp`` for plans made before it existed."""
+        return self.damp if self.standin_damp is None else self.standin_damp
+
+    @property
     def needs_weights(self) -> bool:
         """Whether applying this plan needs refit or stand-in weights (computed from calibration data)."""
         return self.standin or (self.refit != "none" and any(lp.heads or lp.channels for lp in self.layers))

@@ -57,8 +57,8 @@ def compute_weights(model: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: 
         weights = {i: w for i, w in cand.weights.items() if i not in plan.removed_layers}
     if plan.standin and plan.removed_layers:
         layers = spec.get_layers(model)
-        ridge = plan.damp if plan.standin_damp is None else plan.standin_damp
-        fits = fit_standins(model, spec, batches, plan.removed_layers, device, damp=ridge, progress=progress)
+        fits = fit_standins(model, spec, batches, plan.removed_layers, device, damp=plan.standin_ridge,
+                            progress=progress)
         plan.standin_fit = [f.record() for f in fits.values()]
         for k, fit in fits.items():
             if fit.t is None:  # plain dropping beat every damping on held-out tokens

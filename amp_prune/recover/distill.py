@@ -16,7 +16,6 @@ sees exactly what an uninterrupted one does.
 from __future__ import annotations
 
 import json
-import logging
 from pathlib import Path
 
 import torch
@@ -24,8 +23,6 @@ import torch.nn.functional as F
 
 from amp_prune.errors import AmpPruneError
 from amp_prune.recover.data import IGNORE
-
-log = logging.getLogger(__name__)
 
 
 def label_mask(labels: torch.Tensor) -> torch.Tensor:

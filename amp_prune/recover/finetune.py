@@ -1,10 +1,11 @@
-"""Recovery of a pruned model (LoRA or full fine-tuning), by distillation or the LM loss, exported as a plain HF checkpoint.
+"""Recovery of a pruned model (LoRA or full fine-tuning, LM loss or distillation), exported as a plain HF checkpoint.
 
 * LoRA (through peft) on every attention and MLP projection; the defaults follow the AMP
   reference: r=8, alpha=16, dropout 0.05, lr 3e-4. After training, ``W' = W + (alpha/r) B A``
   is merged into the base weights. ``--full`` trains every weight with AdamW instead (lr 5e-5).
-* The loss (:mod:`amp_prune.recover.distill`): ``kd`` (default) distils the dense teacher,
-  ``tau^2 KL(p_teacher || p_student)``; ``lm`` is next-token cross-entropy; ``kd+lm`` adds both.
+* The loss (:mod:`amp_prune.recover.distill`): ``lm`` (default, measured better at 100 CPU steps)
+  is next-token cross-entropy; ``kd`` distils the dense teacher, ``tau^2 KL(p_teacher || p_student)``;
+  ``kd+lm`` adds both.
   Either is computed on the labelled tokens only (real tokens; responses for instruction data).
 
 The result is exported with the same atomic write, model card and reload check as pruning.
@@ -41,32 +42,27 @@ log = logging.getLogger(__name__)
 
 
 @torch.no_grad()
-def loss_perplexity(model, batches: list[TrainBatch], device: torch.device) -> float:
-    """``exp`` of the mean next-token NLL over label tokens (``labels != -100``)."""
-    nll, n = 0.0, 0
-    for b in batches:
-        logits = model(input_ids=b.input_ids.to(device), attention_mask=b.attention_mask.to(device)).logits
-        labels = b.labels.to(device)
-        k = int(label_mask(labels).sum())
-        if k:
-            nll += lm_loss(logits, labels).item() * k
-            n += k
-    return math.exp(nll / n) if n else float("nan")
+def heldout(model, teacher, batches: list[TrainBatch], device: torch.device) -> tuple[float, float | None]:
+    """``(perplexity, KL to the teacher)`` over the labelled tokens of ``batches``, from one student pass.
 
-
-@torch.no_grad()
-def heldout_kl(model, teacher, batches: list[TrainBatch], device: torch.device) -> float:
-    """Mean ``KL(p_teacher || p_student)`` (tau = 1) per labelled token of ``batches``."""
-    total, n = 0.0, 0
+    Perplexity is ``exp`` of the mean next-token NLL; the KL is the mean ``KL(p_teacher || p_student)``
+    per token at tau = 1 (None without a teacher, or when nothing is labelled; the perplexity is then ``nan``).
+    """
+    nll, kl, n = 0.0, 0.0, 0
     for b in batches:
         ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
         k = int(label_mask(labels).sum())
-        if k:
-            s = model(input_ids=ids, attention_mask=mask).logits
-            t = teacher(input_ids=ids, attention_mask=mask).logits
-            total += kd_loss(s, t, label_mask(labels), 1.0).item() * k
-            n += k
-    return total / n if n else float("nan")
+        if not k:
+            continue
+        logits = model(input_ids=ids, attention_mask=mask).logits
+        nll += lm_loss(logits, labels).item() * k
+        if teacher is not None:
+            t_logits = teacher(input_ids=ids, attention_mask=mask).logits
+            kl += kd_loss(logits, t_logits, label_mask(labels), 1.0).item() * k
+        n += k
+    if not n:
+        return float("nan"), None
+    return math.exp(nll / n), None if teacher is None else kl / n
 
 
 def _ckpt_dir(out: Path) -> Path:
@@ -125,8 +121,9 @@ def _objective(model, teacher, b: TrainBatch, config: FinetuneConfig, device) ->
     """The training loss of one micro-batch (see module docstring)."""
     ids, mask, labels = b.input_ids.to(device), b.attention_mask.to(device), b.labels.to(device)
     logits = model(input_ids=ids, attention_mask=mask).logits
-    loss = lm_loss(logits, labels) * (config.lm_weight if config.loss == "kd+lm" else 1.0) \
-        if config.loss != "kd" else 0.0
+    loss = 0.0
+    if config.loss != "kd":
+        loss = lm_loss(logits, labels) * (config.lm_weight if config.loss == "kd+lm" else 1.0)
     if teacher is not None:
         with torch.no_grad():
             t_logits = teacher(input_ids=ids, attention_mask=mask).logits
@@ -163,8 +160,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     train = to_train_batches(examples[config.eval_samples:], config.batch_size, pad)
     per_epoch = math.ceil(len(train) / config.grad_accum)
     total_steps = config.steps or max(1, round((config.epochs or 1.0) * per_epoch))
-    ppl_before = loss_perplexity(lm.model, held, device) if held else float("nan")
-    kl_before = heldout_kl(lm.model, t_model, held, device) if held and t_model is not None else None
+    ppl_before, kl_before = heldout(lm.model, t_model, held, device)
 
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing:
@@ -226,8 +222,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     model.eval()
     merged = model if config.full else model.merge_and_unload()
     merged.requires_grad_(False)
-    ppl_after = loss_perplexity(merged, held, device) if held else float("nan")
-    kl_after = heldout_kl(merged, t_model, held, device) if kl_before is not None else None
+    ppl_after, kl_after = heldout(merged, t_model, held, device)
     teacher_label = (f"{teacher_name or 'the dense model'} (in memory)" if teacher is not None and t_model is not None
                      else teacher_name if t_model is not None else None)
     what = "full fine-tuning" if config.full else "LoRA recovery"
