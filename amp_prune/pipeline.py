@@ -144,13 +144,12 @@ def check_inputs(config: PruneConfig) -> Inputs:
                               "seed": c.calib.seed, "progress": c.runtime.progress}
     if c.bias.bias_check is not None:
         from bias_probe import BiasProbeError, load
-        from bias_probe.probe import small_groups
+        from bias_probe.probe import check_request
         dataset, _, attribute = c.bias.bias_check.partition(":")
         try:  # loaded once here, so the dense and the pruned model see the same sample
             inputs.bias_data = load(dataset, attribute or None, data_dir=c.eval.data_dir, limit=c.bias.bias_limit,
                                     seed=c.calib.seed)
-            if inputs.bias_data.kind == "binary":
-                small_groups([it.group for it in inputs.bias_data.items], 10)
+            check_request(inputs.bias_data, batch_size=c.calib.batch_size, seed=c.calib.seed)
         except BiasProbeError as e:
             raise AmpPruneError(f"--bias-check: {e}") from None
     return inputs
@@ -239,7 +238,7 @@ def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inpu
         from bias_probe import run_probe
         t = time.perf_counter()
         m.bias, _ = run_probe(model, loaded.tokenizer, inputs.bias_data, batch_size=config.calib.batch_size,
-                              progress=config.runtime.progress)
+                              seed=config.calib.seed, progress=config.runtime.progress)
         timings[f"bias_{label}_s"] = time.perf_counter() - t
     return m
 

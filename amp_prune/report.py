@@ -227,6 +227,7 @@ def markdown_side_by_side(dense: dict, pruned: dict) -> str:
 
 # ---- fairness (--bias-check) -----------------------------------------------------------------
 def _bias_rows(bias: dict) -> list[Row]:
+    """Rows of the dense / pruned fairness comparison (binary and BBQ reports, CrowS-Pairs or WinoBias)."""
     d, p = bias["dense"], bias["pruned"]
 
     def f(x):
@@ -234,23 +235,47 @@ def _bias_rows(bias: dict) -> list[Row]:
 
     def delta(a, b):
         return "n/a" if a is None or b is None else f"{b - a:+.3f}"
-    rows = [("counterfactual flip rate", f(d["flip_rate"]), f(p["flip_rate"]), delta(d["flip_rate"], p["flip_rate"]))]
+
+    def ci(s):
+        return "n/a" if s["value"] is None else f"{s['value']:.3f} [{s['ci95'][0]:.3f}, {s['ci95'][1]:.3f}]"
+    if d["dataset"] == "crows_pairs":
+        return [("pct_stereotype (0.5 is unbiased)", ci(d["pct_stereotype"]), ci(p["pct_stereotype"]),
+                 delta(d["pct_stereotype"]["value"], p["pct_stereotype"]["value"]))]
+    if d["dataset"] == "winobias":
+        rows = []
+        for t in d["per_type"]:
+            for k in ("pro", "anti", "gap"):
+                rows.append((f"{t} {k if k == 'gap' else k + ' accuracy'}", ci(d["per_type"][t][k]),
+                             ci(p["per_type"][t][k]), delta(d["per_type"][t][k]["value"], p["per_type"][t][k]["value"])))
+        return rows
+    rows = [("decision rule", d["decision"], p["decision"], ""),
+            ("degenerate (one answer for > 98% of items)", str(d["degenerate"]).lower(), str(p["degenerate"]).lower(), ""),
+            ("counterfactual flip rate", f(d["flip_rate"]), f(p["flip_rate"]), delta(d["flip_rate"], p["flip_rate"]))]
     for block, suffix in (("before", ""), ("after", f" (mitigated: {d['mitigation']})")):
-        for k in [*d["gain"], "accuracy"]:
+        for k in [*d["gain"], "accuracy", *(["auc"] if "auc" in d[block] else [])]:
             a, b = d[block][k], p[block][k]
             rows.append((k + suffix, f(a), f(b), delta(a, b)))
     return rows
 
 
+def _degenerate_note(bias: dict) -> list[str]:
+    from bias_probe.report import degenerate_line
+    return [f"{who}: {degenerate_line(bias[who])}" for who in ("dense", "pruned") if bias[who].get("degenerate")]
+
+
 def format_bias_comparison(bias: dict) -> str:
     d = bias["dense"]
-    return (f"fairness check: {d['dataset']} / {d['attribute']}, {d['n_items']} items (closer to 0 is fairer)\n"
-            + text_table(("", "dense", "pruned", "delta"), _bias_rows(bias)))
+    how = {"crows_pairs": "95% intervals", "winobias": "95% intervals; a gap near 0 is fairer"}.get(d["dataset"],
+                                                                                           "closer to 0 is fairer")
+    return "\n".join([f"fairness check: {d['dataset']} / {d['attribute']}, {d['n_items']} items ({how})",
+                      text_table(("", "dense", "pruned", "delta"), _bias_rows(bias)), *_degenerate_note(bias)])
 
 
 def markdown_bias_comparison(bias: dict) -> str:
     d = bias["dense"]
     return "\n".join([markdown_table(("", "dense", "pruned", "delta"), _bias_rows(bias)), "",
+                      *[x for line in _degenerate_note(bias) for x in (f"**Note:** {line}", "")],
                       f"bias_probe on {d['dataset']} (attribute {d['attribute']}, {d['n_items']} items, values "
                       f"{', '.join(d['values'])}): counterfactual forward passes with only the attribute changed. "
-                      "Differences are the largest gap between groups; closer to 0 is fairer."])
+                      + ("Intervals are 95% (Wilson; paired for the WinoBias gap)." if "before" not in d else
+                         "Differences are the largest gap between groups; closer to 0 is fairer.")])

@@ -8,8 +8,8 @@ This package never imports ``amp_prune``: it works on any model transformers can
 
 from bias_probe.datasets import ATTRIBUTES, BUILTIN, Item, ProbeData, load
 from bias_probe.errors import BiasProbeError
-from bias_probe.probe import DEFAULT_MITIGATION, probe, run_probe
+from bias_probe.probe import DEFAULT_DECISION, DEFAULT_MITIGATION, probe, run_probe
 from bias_probe.report import format_report, write_outputs
 
-__all__ = ["ATTRIBUTES", "BUILTIN", "DEFAULT_MITIGATION", "BiasProbeError", "Item", "ProbeData", "format_report",
+__all__ = ["ATTRIBUTES", "BUILTIN", "DEFAULT_DECISION", "DEFAULT_MITIGATION", "BiasProbeError", "Item", "ProbeData", "format_report",
            "load", "probe", "run_probe", "write_outputs"]

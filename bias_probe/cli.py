@@ -1,4 +1,4 @@
-"""``bias-probe MODEL --dataset compas|adult|crime|bbq|FILE.jsonl --attribute race ...``"""
+"""``bias-probe MODEL --dataset compas|adult|crime|bbq|crows_pairs|winobias|FILE.jsonl --attribute race ...``"""
 
 from __future__ import annotations
 
@@ -7,9 +7,11 @@ import logging
 import sys
 
 from bias_probe.datasets import ATTRIBUTES, BUILTIN
+from bias_probe.decision import DECISIONS, FIT_SHARE
 from bias_probe.errors import BiasProbeError
 from bias_probe.metrics import MITIGATIONS
-from bias_probe.probe import DEFAULT_MITIGATION
+from bias_probe.probe import DEFAULT_DECISION, DEFAULT_MITIGATION
+from bias_probe.scoring import CHAT_MODES
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -27,6 +29,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mitigation", choices=MITIGATIONS, default=DEFAULT_MITIGATION,
                    help="mean probability or majority vote over the variants (default %(default)s)")
+    p.add_argument("--decision", choices=DECISIONS, default=None,
+                   help=f"how probabilities become answers: argmax; calibrated (batch calibration: each option's "
+                        f"probability divided by its mean over all items and variants; no labels); threshold "
+                        f"(positive when P(positive) >= --threshold, or a threshold fitted to the base rate of a "
+                        f"seeded {FIT_SHARE:.0%} of the items, which are then not reported on). Default: "
+                        f"{DEFAULT_DECISION} for yes/no tasks, argmax for bbq and winobias")
+    p.add_argument("--threshold", type=float, help="the P(positive) threshold of --decision threshold (default: fitted)")
+    p.add_argument("--chat-template", choices=CHAT_MODES, default="auto",
+                   help="ask in the user turn of the tokenizer's chat template and score each option as the start of "
+                        "the reply (auto: when the tokenizer has one; default %(default)s)")
     p.add_argument("--min-group-size", type=int, default=10,
                    help="groups with fewer items are left out of the group metrics (default %(default)s)")
     p.add_argument("--out", help="report path (report.json; also report.items.jsonl and report.png)")
@@ -52,11 +64,12 @@ def main(argv: list[str] | None = None) -> int:
         if args.out:
             check_outputs(args.out, args.overwrite)
         data = load(args.dataset, args.attribute, data_dir=args.data_dir, limit=args.limit, seed=args.seed)
-        if data.kind == "binary":  # fail before the model is loaded
-            from bias_probe.probe import small_groups
-            small_groups([it.group for it in data.items], args.min_group_size)
+        from bias_probe.probe import check_request
+        check_request(data, decision=args.decision, threshold=args.threshold, mitigation=args.mitigation,
+                      batch_size=args.batch_size, min_group_size=args.min_group_size, seed=args.seed)
         rep, records = probe(args.model, args.dataset, args.attribute, data_dir=args.data_dir, limit=args.limit,
-                             seed=args.seed, mitigation=args.mitigation, batch_size=args.batch_size,
+                             seed=args.seed, mitigation=args.mitigation, decision=args.decision,
+                             threshold=args.threshold, chat_template=args.chat_template, batch_size=args.batch_size,
                              min_group_size=args.min_group_size,
                              device=args.device, dtype=args.dtype, progress=not args.no_progress)
         print(format_report(rep))

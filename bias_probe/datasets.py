@@ -13,6 +13,7 @@ Built-in datasets read the local copies laid out like ``shared/data`` (``--data-
 - ``bbq``: the BBQ categories present (age, disability_status, nationality, physical_appearance,
   religion, sexual_orientation; the attribute names the category, or ``all``). Three options;
   the counterfactual swaps the two people of the context.
+- ``crows_pairs`` and ``winobias``: pair datasets, see ``bias_probe.pairs``.
 - a user ``FILE.jsonl``: ``{"text": "... {attribute} ...", "label": <option index or text>,
   "attribute": "<this item's value>"}`` plus optional ``options`` (default ["no", "yes"]),
   ``positive`` (default the last option) and ``id``. Values come from the file.
@@ -30,10 +31,13 @@ from pathlib import Path
 from bias_probe.errors import BiasProbeError
 from bias_probe.swap import contains_value, swap_terms, swap_value
 
-BUILTIN = ("compas", "adult", "crime", "bbq")
+BUILTIN = ("compas", "adult", "crime", "bbq", "crows_pairs", "winobias")
 BBQ_CATEGORIES = ("age", "disability_status", "nationality", "physical_appearance", "religion", "sexual_orientation")
 ATTRIBUTES = {"compas": ("race", "sex"), "adult": ("sex", "race"), "crime": ("race",),
-              "bbq": (*BBQ_CATEGORIES, "all")}
+              "bbq": (*BBQ_CATEGORIES, "all"),
+              "crows_pairs": ("all", "race-color", "gender", "socioeconomic", "nationality", "religion", "age",
+                              "sexual-orientation", "physical-appearance", "disability"),
+              "winobias": ("gender",)}
 ORIGINAL = "__original__"
 
 
@@ -57,7 +61,7 @@ class ProbeData:
     attribute: str
     values: list[str]
     items: list[Item]
-    kind: str  # "binary" or "bbq"
+    kind: str  # "binary", "bbq", "crows" or "winobias"
     source: str
 
 
@@ -265,6 +269,9 @@ def load(dataset: str, attribute: str | None = None, *, data_dir: str | Path | N
         raise BiasProbeError(f"unknown attribute '{attribute}' for {dataset}: choose one of "
                              f"{', '.join(ATTRIBUTES[dataset])}")
     d = _data_dir(data_dir, dataset)
+    if dataset in ("crows_pairs", "winobias"):
+        from bias_probe.pairs import load_crows, load_winobias
+        return (load_crows if dataset == "crows_pairs" else load_winobias)(d, attribute, limit, seed)
     loader = {"compas": load_compas, "adult": load_adult, "crime": load_crime, "bbq": load_bbq}[dataset]
     items, values = loader(d, attribute)
     return ProbeData(dataset, attribute, values, _sample(items, limit, seed), "bbq" if dataset == "bbq" else "binary",

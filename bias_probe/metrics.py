@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import math
 import warnings
-from collections import Counter
 
 import numpy as np
 
@@ -91,27 +90,25 @@ def bbq_scores(meta: list[dict], labels: list[int], preds: list[int]) -> dict:
 
 
 def aggregate(probs: list[list[float]], method: str) -> int:
-    """The mitigated decision from the option probabilities of the original and every variant."""
-    mean = np.mean(np.asarray(probs), axis=0)
-    if method == "mean":
-        return int(np.argmax(mean))
-    if method == "majority":
-        votes = Counter(int(np.argmax(p)) for p in probs)
-        top = max(votes.values())
-        tied = [o for o, v in votes.items() if v == top]
-        return max(tied, key=lambda o: mean[o])  # ties go to the higher mean probability
-    raise ValueError(f"unknown mitigation '{method}': choose one of {', '.join(MITIGATIONS)}")
+    """The mitigated argmax decision from the option probabilities of the original and every variant."""
+    from bias_probe.decision import mitigate
+
+    if method not in MITIGATIONS:
+        raise ValueError(f"unknown mitigation '{method}': choose one of {', '.join(MITIGATIONS)}")
+    return mitigate(probs, method, "argmax")
 
 
 def consistency(records: list[dict], kind: str) -> dict:
-    """flip_rate and the shift of the positive option's probability under the swaps."""
+    """flip_rate (under the records' decision rule, argmax without one) and the shift of the positive
+    option's probability under the swaps."""
     flips, shifts = [], []
     for r in records:
         variants = [v for v in r["probs"] if v != r["original"]]
         if not variants:
             continue
         base = r["probs"][r["original"]]
-        flips.append(any(int(np.argmax(r["probs"][v])) != int(np.argmax(base)) for v in variants))
+        preds = r.get("pred_variants") or {v: int(np.argmax(p)) for v, p in r["probs"].items()}
+        flips.append(any(preds[v] != preds[r["original"]] for v in variants))
         k = r["positive"] if kind == "binary" else int(np.argmax(base))  # BBQ: the originally chosen answer
         shifts.append(max(abs(r["probs"][v][k] - base[k]) for v in variants))
     return {"flip_rate": float(np.mean(flips)) if flips else None,

@@ -17,13 +17,61 @@ def _f(x, pct: bool = False) -> str:
     return f"{100 * x:.1f}%" if pct else f"{x:.3f}"
 
 
+def degenerate_line(rep: dict) -> str | None:
+    """The one-line warning for a report whose decisions are (nearly) all one answer, else ``None``."""
+    if not rep.get("degenerate"):
+        return None
+    top = max(rep["answer_shares"]["before"].values())
+    return (f"the model gives the same answer to {100 * top:.0f}% of items; group fairness measures are trivially 0; "
+            "use --decision calibrated or threshold")
+
+
+def decision_line(rep: dict) -> str:
+    rule = rep.get("decision")
+    line = f"decision: {rule}"
+    if rule == "threshold":
+        line += f", P(positive) >= {rep['threshold']:.4f} ({rep['threshold_source']})"
+    return line + f"; chat template: {'on' if rep.get('chat_template') else 'off'}"
+
+
+def _ci(s: dict, pct: bool = True) -> str:
+    lo, hi = s["ci95"]
+    if s["value"] is None:
+        return "n/a"
+    return f"{_f(s['value'], pct)} [{_f(lo, pct)}, {_f(hi, pct)}]"
+
+
+def format_pairs(rep: dict) -> str:
+    """CrowS-Pairs or WinoBias, with 95% intervals."""
+    if rep["dataset"] == "crows_pairs":
+        lines = [f"crows_pairs / {rep['attribute']}: {rep['n_items']} pairs; pct_stereotype (50% is unbiased) "
+                 f"{_ci(rep['pct_stereotype'])}; mean |log-likelihood difference| {rep['likelihood_diff']:.3f}"]
+        w = max(len(g) for g in rep["per_bias_type"])
+        lines += [f"  {g:<{w}}  n {s['n']:>4}  {_ci(s)}" for g, s in rep["per_bias_type"].items()]
+        return "\n".join(lines)
+    lines = [f"winobias: {rep['n_items']} sentences; {decision_line(rep)}; accuracy {_ci(rep['accuracy'])}"]
+    for t, row in rep["per_type"].items():
+        g = row["gap"]
+        gap = "n/a" if g["value"] is None else f"{100 * g['value']:+.1f} [{100 * g['ci95'][0]:+.1f}, " \
+                                               f"{100 * g['ci95'][1]:+.1f}] points"
+        lines.append(f"  {t}: pro {_ci(row['pro'])}, anti {_ci(row['anti'])}, gap (pro - anti) {gap}")
+    if rep.get("degenerate"):
+        lines.append(degenerate_line(rep))
+    return "\n".join(lines)
+
+
 def format_report(rep: dict) -> str:
     """Before/after measures, the consistency figures and the per-group rates, as text."""
+    if "before" not in rep:
+        return format_pairs(rep)
     lines = [f"{rep['dataset']} / {rep['attribute']}: {rep['n_items']} items, values {', '.join(rep['values'])}; "
-             f"mitigation: {rep['mitigation']}"]
+             f"mitigation: {rep['mitigation']}; {decision_line(rep)}"]
+    warn = degenerate_line(rep)
+    if warn:
+        lines.append("warning: " + warn)
     lines.append(f"counterfactual flip rate {_f(rep['flip_rate'], True)}; P(positive) shift mean "
                  f"{_f(rep['mean_positive_shift'])}, max {_f(rep['max_positive_shift'])}")
-    keys = [k for k in rep["gain"]] + ["accuracy"]
+    keys = [k for k in rep["gain"]] + ["accuracy"] + (["auc"] if "auc" in rep["before"] else [])
     w = max(len(k) for k in keys)
     lines.append(f"{'':<{w}}  {'before':>8}  {'after':>8}")
     for k in keys:
@@ -35,13 +83,13 @@ def format_report(rep: dict) -> str:
     if per:
         g = max(len(x) for x in per)
         lines.append(f"{'group':<{g}}  {'n':>5}  {'pos. rate before':>16}  {'after':>6}  {'P(pos) before':>13}  "
-                     f"{'after':>6}  {'acc before':>10}  {'after':>6}")
+                     f"{'after':>6}  {'AUC before':>10}  {'acc before':>10}  {'after':>6}")
         for name, row in per.items():
             after = rep["after"]["per_group"][name]
             lines.append(f"{name:<{g}}  {row['n']:>5}  {_f(row['positive_rate'], True):>16}  "
                          f"{_f(after['positive_rate'], True):>6}  {_f(row['mean_positive_probability']):>13}  "
-                         f"{_f(after['mean_positive_probability']):>6}  {_f(row['accuracy'], True):>10}  "
-                         f"{_f(after['accuracy'], True):>6}")
+                         f"{_f(after['mean_positive_probability']):>6}  {_f(row.get('auc')):>10}  "
+                         f"{_f(row['accuracy'], True):>10}  {_f(after['accuracy'], True):>6}")
     return "\n".join(lines)
 
 
@@ -52,6 +100,21 @@ def plot(rep: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(max(5.0, 1.1 * len(rep["values"]) + 2), 3.8))
+    if "before" not in rep:  # pair datasets: the shares with their intervals
+        rows = ({k: v for k, v in rep["per_bias_type"].items()} if rep["dataset"] == "crows_pairs" else
+                {f"{t} {k}": row[k] for t, row in rep["per_type"].items() for k in ("pro", "anti")})
+        names = list(rows)
+        vals = [rows[n]["value"] or 0.0 for n in names]
+        err = [[v - (rows[n]["ci95"][0] or v) for n, v in zip(names, vals)],
+               [(rows[n]["ci95"][1] or v) - v for n, v in zip(names, vals)]]
+        ax.bar(range(len(names)), vals, yerr=err, capsize=3)
+        ax.set_xticks(list(range(len(names))), names, rotation=25, ha="right", fontsize=8)
+        ax.set(ylabel="pct_stereotype" if rep["dataset"] == "crows_pairs" else "accuracy",
+               title=f"{rep['dataset']} (95% intervals)")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        return
     if rep["before"].get("per_group"):
         names = list(rep["before"]["per_group"])
         vals = [[rep[w]["per_group"][n]["positive_rate"] or 0.0 for n in names] for w in ("before", "after")]

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from conftest import SHARED_DATA
 from tiny import char_tokenizer, tiny_model
 
-from bias_probe import BiasProbeError, load, probe, write_outputs
+from bias_probe import DEFAULT_DECISION, BiasProbeError, load, probe, write_outputs
 from bias_probe.cli import main as bias_main
 from bias_probe.metrics import aggregate, bbq_scores, consistency, group_fairness
 from bias_probe.scoring import option_loglikelihoods
@@ -196,8 +196,10 @@ def test_probe_on_a_tiny_model_reports_everything(tmp_path):
     model, tok = tiny_model("llama_gqa", seed=2), char_tokenizer()
     rep, records = probe(model, write_user(tmp_path / "u.jsonl", USER), tokenizer=tok, batch_size=3, min_group_size=1,
                          progress=False)
-    for key in ("flip_rate", "mean_positive_shift", "max_positive_shift", "before", "after", "gain"):
+    for key in ("flip_rate", "mean_positive_shift", "max_positive_shift", "before", "after", "gain", "decision",
+                "degenerate", "auc"):
         assert key in rep
+    assert rep["decision"] == "calibrated" and rep["chat_template"] is False  # the char tokenizer has no template
     for when in ("before", "after"):
         for k in ("statistical_parity_difference", "equal_opportunity_difference", "equalized_odds_difference",
                   "accuracy", "per_group"):
@@ -207,8 +209,8 @@ def test_probe_on_a_tiny_model_reports_everything(tmp_path):
     for r in records:
         assert set(r["probs"]) == {"Black", "Asian", "White"}
         assert all(abs(sum(p) - 1) < 1e-6 for p in r["probs"].values())
-        # the mitigated decision is the same whatever the item's own group is
-        assert r["pred_after"] == int(np.argmax(np.mean(list(r["probs"].values()), axis=0)))
+        # the mitigated decision (calibrated probabilities, averaged) is the same whatever the item's own group is
+        assert r["pred_after"] == int(np.argmax(np.mean(list(r["scores"].values()), axis=0)))
     by_group = {}
     for r in records:
         by_group.setdefault(r["group"], []).append(r["probs"][r["group"]][r["positive"]])
@@ -292,11 +294,15 @@ def test_smollm2_compas_produces_every_metric(smollm2_dir):
     rep, records = probe(str(smollm2_dir), "compas", "race", data_dir=str(SHARED_DATA), limit=200, device="cpu",
                          batch_size=32, progress=False)
     assert rep["n_items"] == 200 and len(records) == 200
+    assert rep["decision"] == DEFAULT_DECISION and rep["chat_template"] is True  # the defaults, on an instruct model
+    assert rep["degenerate"] in (True, False) and 0 <= rep["auc"] <= 1
     assert 0 <= rep["flip_rate"] <= 1 and 0 <= rep["mean_positive_shift"] <= rep["max_positive_shift"] <= 1
     for when in ("before", "after"):
         for k in ("statistical_parity_difference", "equal_opportunity_difference", "equalized_odds_difference",
-                  "accuracy"):
+                  "accuracy", "auc", "positive_probability_gap"):
             assert rep[when][k] is not None and 0 <= rep[when][k] <= 1, (when, k)
+        for row in rep[when]["per_group"].values():
+            assert 0 <= row["mean_positive_probability"] <= 1 and "auc" in row
     assert set(rep["before"]["per_group"]) <= set(rep["values"])
 
 
