@@ -230,6 +230,8 @@ def main(argv: list[str] | None = None) -> int:
         if result.plan.steps:
             print(format_steps(result.plan.steps))
         print(format_summary(result.summary, result.timings, result.out))
+        if result.summary.get("pushed_to"):
+            print(f"uploaded to {result.summary['pushed_to']}")
         if "bias_check" in result.summary:
             print(format_bias_comparison(result.summary["bias_check"]))
         if "eval" in result.summary:

@@ -207,6 +207,10 @@ class PruneConfig:
     method: str = opt("width", "width: AMP heads+channels; cka: drop whole blocks; hybrid: width or depth at each step "
                                "(default %(default)s)", choices=METHODS)
     plan: str | None = opt(None, "replay a pruning_plan.json instead of scoring")
+    push_to_hub: str | None = opt(None, "after the verified export, upload the output dir to this hub repo "
+                                        "(NAMESPACE/NAME, created if missing; needs `hf auth login`)",
+                                  metavar="REPO_ID")
+    private: bool = opt(False, "with --push-to-hub: create the repo private")
     calib: CalibConfig = opt(None, "", factory=CalibConfig)
     width: WidthConfig = opt(None, "", factory=WidthConfig)
     depth: DepthConfig = opt(None, "", factory=DepthConfig)
@@ -219,6 +223,11 @@ class PruneConfig:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
         _choice(self.method, METHODS, "--method")
+        if self.push_to_hub is not None:
+            from amp_prune.io.hub import check_repo_id
+            check_repo_id(self.push_to_hub)
+        elif self.private:
+            raise AmpPruneError("--private applies to --push-to-hub only; add --push-to-hub NAMESPACE/NAME")
         if self.depth.layers is not None and self.method != "cka":
             raise AmpPruneError("--layers is for --method cka; use --ratio with the other methods")
         for name in SECTIONS:

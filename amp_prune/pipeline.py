@@ -29,7 +29,8 @@ from amp_prune.eval.perplexity import perplexity
 from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.files import peak_rss_mb, versions, write_json
-from amp_prune.io.load import LoadedModel, load_model, resolve_device, resolve_dtype
+from amp_prune.io.hub import push_folder, source_metadata
+from amp_prune.io.load import DEMO_ALIAS, LoadedModel, load_model, resolve_device, resolve_dtype
 from amp_prune.plan import PrunePlan
 from amp_prune.refit import compute_weights, refit_token_notes
 from amp_prune.report import plot_steps
@@ -345,6 +346,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     pruned = measure(model, loaded, held, inputs, config, device, "pruned", timings)
 
     summary = summarize(config, out, plan, before, _shape(model, spec), dense, pruned, held, job.notes)
+    summary["card_meta"] = source_metadata(config.model, Path(loaded.path) if loaded.path else None, DEMO_ALIAS)
     result = PruneResult(model=model, tokenizer=loaded.tokenizer, plan=plan, summary=summary, out=None, timings=timings,
                          dense=dense_copy)
     if save:
@@ -368,6 +370,8 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     timings["peak_rss_mb"] = peak_rss_mb()
     if result.out:
         _finish_run_json(Path(result.out) / "run.json", timings=timings, summary=summary)
+        if config.push_to_hub:  # only a complete, verified export is uploaded; a failure leaves it in place
+            summary["pushed_to"] = push_folder(result.out, config.push_to_hub, private=config.private)
     return result
 
 

@@ -6,6 +6,7 @@ The tables inside come from :mod:`amp_prune.report`, the same renderers the CLI 
 from __future__ import annotations
 
 from amp_prune import report
+from amp_prune.io.hub import card_header
 
 
 def _load_section(name: str) -> list[str]:
@@ -19,7 +20,7 @@ def model_card(s: dict, max_abs_diff: float) -> str:
     """Card of a pruned model from the run summary ``s`` and the export check's max |logit difference|."""
     name = s.get("name", "path/to/this/dir")
     lines = [
-        "---", "library_name: transformers", "tags: [pruned, amp-prune]", "---", "",
+        card_header(s.get("card_meta", {}), ["pruned", "amp-prune"]), "",
         f"# {name}", "",
         f"Structurally pruned from `{s['source']}` by amp-prune ({s['method']}).", "",
         report.markdown_table(["", "before", "after"], report.summary_rows(s)), "",
@@ -55,7 +56,7 @@ def finetune_card(s: dict, c) -> str:
                      "cross-entropy"}[c.loss]
     kl = (f"- held-out KL to the teacher: {s['kl_before']:.3f} -> {s['kl_after']:.3f} nats/token"
           if s.get("kl_before") is not None else None)
-    lines = ["---", "library_name: transformers", f"tags: [pruned, amp-prune, {tag}]", "---", "",
+    lines = [card_header(s.get("card_meta", {}), ["pruned", "amp-prune", tag]), "",
              f"# {s['name']}", "", f"`{s['source']}` after recovery by amp-prune, {how}.", "",
              f"- data: `{c.data}` ({s['data_kind']}), {s['train_examples']} training examples, {s['steps']} steps of "
              f"{c.batch_size} x {c.grad_accum} sequences of <= {c.seq_len} tokens",
