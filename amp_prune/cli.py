@@ -263,6 +263,9 @@ def main(argv: list[str] | None = None) -> int:
         final_out = cfg.out or cfg.default_out()
         if args.finetune:
             from amp_prune.io.export import check_out_dir
+            if cfg.push_to_hub:
+                raise AmpPruneError("--push-to-hub would upload the model before --finetune recovers it; drop it and "
+                                    f"run `hf upload {cfg.push_to_hub} {final_out}` after this run")
             check_out_dir(final_out, overwrite=args.overwrite)
             cfg.out = final_out.rstrip("/") + "-pruned"
             FinetuneConfig(model="", data=args.finetune, steps=args.finetune_steps, loss=args.finetune_loss).validate()

@@ -85,7 +85,7 @@ def check_request(data: ProbeData, *, decision: str | None = None, threshold: fl
         raise BiasProbeError("--threshold applies to --decision threshold only; add --decision threshold")
     if threshold is not None and not 0.0 <= threshold <= 1.0:
         raise BiasProbeError(f"--threshold is a probability between 0 and 1 (got {threshold})")
-    if rule == "threshold" and data.kind != "binary":
+    if rule == "threshold" and (data.kind != "binary" or any(len(it.options) != 2 for it in data.items)):
         raise BiasProbeError(f"--decision threshold needs a yes/no task; {data.name} is not one: use argmax or "
                              "calibrated")
     if data.kind == "crows" and decision is not None:

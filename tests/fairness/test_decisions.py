@@ -266,3 +266,13 @@ def test_prune_bias_check_shows_the_rule_and_the_degenerate_flag(tiny_dir, tmp_p
     assert "dense: the model gives the same answer to 100% of items" in text and "pruned: the model" not in text
     assert "degenerate (one answer for > 98% of items)" in text and "auc" in text
     assert "**Note:** dense: the model gives the same answer" in markdown_bias_comparison({"dense": rep, "pruned": rep})
+
+
+def test_threshold_needs_two_options(tmp_path):
+    from bias_probe.probe import check_request
+    path = tmp_path / "u.jsonl"
+    path.write_text("\n".join(f'{{"text": "Case {i}: {{attribute}}.", "label": 0, "attribute": "{g}", '
+                              f'"options": ["a", "b", "c"]}}' for i, g in enumerate(["A", "B"] * 10)))
+    with pytest.raises(BiasProbeError, match="needs a yes/no task"):
+        check_request(load(str(path)), decision="threshold", min_group_size=2)
+    assert check_request(load(str(path)), decision="calibrated", min_group_size=2) == "calibrated"

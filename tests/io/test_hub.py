@@ -37,6 +37,7 @@ def test_card_starts_with_hub_metadata_carried_from_the_source(tiny_dir, tmp_pat
     (["--push-to-hub", "no spaces allowed/x"], "is not a hub repo id"),
     (["--push-to-hub", "justaname"], "has no namespace"),
     (["--private"], "--private applies to --push-to-hub only"),
+    (["--push-to-hub", "me/x", "--finetune", "train.txt"], "would upload the model before --finetune recovers it"),
 ])
 def test_bad_push_requests_fail_before_any_work(tiny_dir, tmp_path, capsys, args, match):
     src = tiny_dir()
