@@ -49,7 +49,7 @@ endif
 	touch $@
 
 test-vllm: $(VVENV)/.installed
-	$(VBIN)/python -m pytest -q -m vllm tests/vllm
+	$(VBIN)/python -m pytest -q -m vllm tests/with_vllm
 
 clean:
 	rm -rf demo-out .pytest_cache

@@ -16,7 +16,9 @@ from pathlib import Path
 
 import pytest
 
-vllm = pytest.importorskip("vllm")
+vllm = pytest.importorskip("vllm", reason="needs vLLM: run `make test-vllm`")
+if getattr(vllm, "__file__", None) is None:  # a namespace package of that name, not vLLM
+    pytest.skip("needs vLLM: run `make test-vllm`", allow_module_level=True)
 pytestmark = [pytest.mark.vllm, pytest.mark.slow]
 
 import torch  # noqa: E402
