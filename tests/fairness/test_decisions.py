@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
+import torch
+import torch.nn.functional as F
 from tiny import char_tokenizer, tiny_model
 
 from bias_probe import BiasProbeError, load, run_probe
@@ -67,7 +68,7 @@ def test_degenerate_flag():
     assert degenerate_line(rep).startswith("the model gives the same answer to 100% of items")
 
 
-class Constant(torch.nn.Module if (torch := __import__("torch")) else object):
+class Constant(torch.nn.Module):
     """A model whose next-token distribution is the same everywhere: it always prefers the same answer."""
 
     def __init__(self, vocab: int = 128):
@@ -87,8 +88,7 @@ def test_a_constant_predictor_is_flagged_and_calibration_does_not_invent_a_gap(t
         for i, g in enumerate(["A", "B"] * 10)))
     data = load(str(path))
     rep, _ = run_probe(Constant(), char_tokenizer(), data, decision="argmax", min_group_size=2, progress=False)
-    assert rep["degenerate"] is True and rep["answer_shares"]["before"] == {1: 1.0} or rep["answer_shares"]["before"] \
-        == {0: 1.0}
+    assert rep["degenerate"] is True and rep["answer_shares"]["before"] in ({0: 1.0}, {1: 1.0})
     assert rep["before"]["statistical_parity_difference"] == 0.0
     assert rep["auc"] == pytest.approx(0.5)  # equal scores: chance
     assert "the model gives the same answer to 100% of items" in format_report(rep)
@@ -151,12 +151,11 @@ def test_chat_template_builds_the_expected_tokens():
 
 
 def test_sentence_loglikelihood_equals_a_direct_computation():
-    import torch.nn.functional as F
     model, tok = tiny_model("llama_gqa", seed=3), char_tokenizer()
     got = sentence_loglikelihoods(model, tok, ["ab c", "xyz."], batch_size=2, progress=False)
     for s, ll in zip(["ab c", "xyz."], got):
         ids = [tok.bos_token_id] + tok(s, add_special_tokens=False)["input_ids"]
-        logp = F.log_softmax(model(input_ids=__import__("torch").tensor([ids])).logits[0].float(), -1)
+        logp = F.log_softmax(model(input_ids=torch.tensor([ids])).logits[0].float(), -1)
         assert ll == pytest.approx(sum(logp[i, ids[i + 1]].item() for i in range(len(ids) - 1)), abs=1e-4)
 
 
