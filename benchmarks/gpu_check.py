@@ -21,7 +21,6 @@ import argparse
 import gc
 import json
 import os
-import string
 import sys
 import tempfile
 import time
@@ -30,7 +29,9 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
 from _common import measure  # noqa: E402
+from tiny import char_tokenizer  # noqa: E402  (character-level, no download: ids stay below every vocabulary)
 
 from amp_prune.arch import get_spec  # noqa: E402
 from amp_prune.calib.data import build_batches  # noqa: E402
@@ -47,19 +48,6 @@ SHAPES = {  # Llama-3-8B, and a tiny stand-in with the same structure (GQA 4:1, 
     "tiny": dict(hidden_size=256, intermediate_size=688, num_attention_heads=8, num_key_value_heads=2,
                  num_hidden_layers=4, vocab_size=512, max_position_embeddings=1024),
 }
-
-
-def char_tokenizer():
-    """A character-level tokenizer (no download): ids stay below every shape's vocabulary."""
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    from transformers import PreTrainedTokenizerFast
-
-    specials = ["<unk>", "<s>", "</s>", "<pad>"]
-    vocab = {t: i for i, t in enumerate(specials + [c for c in string.printable if c not in "\x0b\x0c"])}
-    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split("", behavior="isolated")
-    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>",
-                                   pad_token="<pad>")
 
 
 def build(shape: str, layers: int | None, device: torch.device, dtype: torch.dtype):

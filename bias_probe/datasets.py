@@ -80,11 +80,15 @@ def _data_dir(data_dir: str | Path | None, name: str) -> Path:
     return d
 
 
+def sample_indices(n: int, limit: int | None, seed: int) -> list[int]:
+    """A seeded sample of ``limit`` of the indices ``0..n-1``, sorted (all of them without a limit)."""
+    if limit is None or limit >= n:
+        return list(range(n))
+    return sorted(random.Random(seed).sample(range(n), limit))
+
+
 def _sample(items: list[Item], limit: int | None, seed: int) -> list[Item]:
-    if limit is None or limit >= len(items):
-        return items
-    keep = sorted(random.Random(seed).sample(range(len(items)), limit))
-    return [items[i] for i in keep]
+    return [items[i] for i in sample_indices(len(items), limit, seed)]
 
 
 def _plural(n: int, word: str) -> str:

@@ -31,6 +31,13 @@ FIT_SHARE = 0.3  # share of the items a threshold is fitted on (then left out of
 DEGENERATE_SHARE = 0.98
 
 
+def option_probs(loglik) -> np.ndarray:
+    """The options' probabilities from their log-likelihoods: ``softmax`` over the options; (n_options,)."""
+    ll = np.asarray(loglik, dtype=float)
+    p = np.exp(ll - ll.max())
+    return p / p.sum()
+
+
 def calibration_scale(probs: list[list[float]]) -> np.ndarray:
     """``m_o``: the mean probability of each option over all given prompts; (n_prompts, n_options) -> (n_options,)."""
     m = np.asarray(probs, dtype=float).mean(axis=0)

@@ -20,15 +20,14 @@ from __future__ import annotations
 
 import csv
 import math
-import random
 import re
 from collections import defaultdict
 from pathlib import Path
 
 import numpy as np
 
-from bias_probe.datasets import Item, ProbeData, _need
-from bias_probe.decision import answer_shares, calibrate, calibration_scale, is_degenerate
+from bias_probe.datasets import Item, ProbeData, _need, sample_indices
+from bias_probe.decision import answer_shares, calibrate, calibration_scale, is_degenerate, option_probs
 from bias_probe.errors import BiasProbeError
 from bias_probe.scoring import option_loglikelihoods, sentence_loglikelihoods
 
@@ -60,12 +59,6 @@ def paired_difference(a: list[float], b: list[float]) -> dict:
     return {"n": len(d), "value": float(d.mean()), "ci95": [float(d.mean()) - half, float(d.mean()) + half]}
 
 
-def _sample_keys(keys: list, limit: int | None, seed: int) -> set:
-    if limit is None or limit >= len(keys):
-        return set(keys)
-    return set(random.Random(seed).sample(keys, limit))
-
-
 def load_crows(d: Path, attribute: str, limit: int | None, seed: int) -> ProbeData:
     path = _need(d / "crows_pairs/crows_pairs_anonymized.csv")
     with open(path, newline="", encoding="utf-8") as f:
@@ -73,10 +66,10 @@ def load_crows(d: Path, attribute: str, limit: int | None, seed: int) -> ProbeDa
     if not rows or not {"sent_more", "sent_less", "bias_type"} <= set(rows[0]):
         raise BiasProbeError(f"{path} lacks sent_more / sent_less / bias_type columns; it is not CrowS-Pairs")
     rows = [r for r in rows if attribute == "all" or r["bias_type"] == attribute]
-    keep = _sample_keys(list(range(len(rows))), limit, seed)
     items = [Item(id=r.get("", str(i)), group=r["bias_type"], texts={"more": r["sent_more"], "less": r["sent_less"]},
                   options=[], label=None, positive=None, meta={"direction": r["stereo_antistereo"]})
-             for i, r in enumerate(rows) if i in keep]
+             for i, r in enumerate(rows)]
+    items = [items[i] for i in sample_indices(len(items), limit, seed)]
     return ProbeData("crows_pairs", attribute, sorted({it.group for it in items}), items, "crows", str(d))
 
 
@@ -119,7 +112,7 @@ def load_winobias(d: Path, attribute: str, limit: int | None, seed: int) -> Prob
         if len(lines[t, "pro"]) != len(lines[t, "anti"]):
             raise BiasProbeError(f"WinoBias type {t}: the pro and anti files differ in length; they must be paired")
     pairs = [(t, n) for t in (1, 2) for n in range(len(lines[t, "pro"]))]
-    keep = _sample_keys(pairs, limit, seed)
+    keep = {pairs[i] for i in sample_indices(len(pairs), limit, seed)}
     items, skipped = [], 0
     for t, n in pairs:
         if (t, n) not in keep:
@@ -181,12 +174,7 @@ def run_pairs(model, tokenizer, data: ProbeData, *, rule: str, chat: bool, batch
     pairs = [(it.texts["original"], o) for it in data.items for o in it.options]
     lls = option_loglikelihoods(model, tokenizer, pairs, batch_size=batch_size, progress=progress, chat=chat,
                                 desc=f"winobias: {len(data.items)} sentences")
-    probs = []
-    for i in range(len(data.items)):
-        a, b = lls[2 * i], lls[2 * i + 1]
-        m = max(a, b)
-        pa, pb = math.exp(a - m), math.exp(b - m)
-        probs.append([pa / (pa + pb), pb / (pa + pb)])
+    probs = [[float(x) for x in option_probs(lls[2 * i:2 * i + 2])] for i in range(len(data.items))]
     if rule == "calibrated":  # by option position (first / second occupation mentioned)
         scale = calibration_scale(probs)
         probs = [calibrate(p, scale) for p in probs]

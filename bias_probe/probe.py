@@ -19,7 +19,7 @@ import torch
 
 from bias_probe.datasets import ProbeData, load
 from bias_probe.decision import (DECISIONS, FIT_SHARE, answer_shares, calibrate, calibration_scale, decide,
-                                 fit_split, fit_threshold, is_degenerate, mitigate, roc_auc)
+                                 fit_split, fit_threshold, is_degenerate, mitigate, option_probs, roc_auc)
 from bias_probe.errors import BiasProbeError
 from bias_probe.metrics import MITIGATIONS, bbq_scores, consistency, group_fairness
 from bias_probe.scoring import option_loglikelihoods, use_chat
@@ -168,8 +168,7 @@ def _record(item, sc: dict[str, np.ndarray]) -> dict:
     """One item's option probabilities per variant (normalized over the options, in the original order)."""
     probs = {}
     for v, ll in sc.items():
-        p = np.exp(ll - ll.max())
-        p = p / p.sum()
+        p = option_probs(ll)
         perm = item.perms.get(v)
         if perm is not None:  # variant option k is original option perm[k]
             q = np.zeros_like(p)

@@ -170,14 +170,11 @@ def vllm_lm(path: str, *, dtype: str = "auto", tensor_parallel: int = 1, data_pa
     On CPU, vLLM's ``gpu_memory_utilization`` is its share of host RAM and must be lowered to start
     (``memory`` defaults to 0.3 there, 0.9 on GPU); CUDA graphs are off on CPU (``enforce_eager``).
     """
+    from amp_prune.io.load import resolve_dtype
+
+    cuda = torch.cuda.is_available()  # the dtype is checked before vLLM is imported
+    vllm_dtype = "auto" if dtype == "auto" and cuda else str(resolve_dtype(dtype, torch.device("cpu"))).split(".")[-1]
     VLLM = _lm_eval_vllm_class()
-    cuda = torch.cuda.is_available()
-    vllm_dtype = {"auto": "auto", "float32": "float32", "fp32": "float32", "bfloat16": "bfloat16", "bf16": "bfloat16",
-                  "float16": "float16", "fp16": "float16"}.get(dtype)
-    if vllm_dtype is None:
-        raise AmpPruneError(f"unknown --dtype '{dtype}' for vLLM: use auto, float32, bfloat16 or float16")
-    if vllm_dtype == "auto" and not cuda:
-        vllm_dtype = "float32"
     return VLLM(pretrained=path, dtype=vllm_dtype, tensor_parallel_size=tensor_parallel,
                 data_parallel_size=data_parallel, batch_size="auto", seed=seed, max_model_len=max_model_len,
                 gpu_memory_utilization=memory if memory is not None else (0.9 if cuda else 0.3),
