@@ -295,6 +295,14 @@ def main(argv: list[str] | None = None) -> int:
 
 def _setup_logging(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    estimate = logging.getLogger("amp_prune.estimate")  # cost estimates, printed before the work they describe
+    for old in list(estimate.handlers):
+        estimate.removeHandler(old)
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(logging.Formatter("amp-prune: %(message)s"))
+    estimate.addHandler(handler)
+    estimate.setLevel(logging.INFO)
+    estimate.propagate = False
     if not verbose:
         import transformers
         transformers.logging.set_verbosity_error()

@@ -23,6 +23,8 @@ CRITERIA = ("amp", "magnitude", "random", "wanda_sp")
 GQA_MODES = ("group", "heads")
 LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")
+RESCORES = ("bounded", "all")
+DEPTH_CACHES = ("auto", "device", "cpu", "disk", "recompute")
 PPL_DATASETS = ("wikitext2",)
 REFITS = ("none", "onepass", "sequential")
 LOSSES = ("kd", "lm", "kd+lm")
@@ -125,11 +127,29 @@ class DepthConfig:
                             metavar="auto|X")
     compare_refit: bool = opt(False, "hybrid: refit both candidates of every step (width refit, depth stand-in) before "
                                      "comparing their CKA; off by default, as it measured worse on SmolLM2")
+    depth_samples: int = opt(16, "calibration sequences the block search uses (CKA compares sequences; 0 = all) "
+                                 "(default %(default)s)")
+    depth_seq_len: int = opt(128, "first tokens of each sequence the block search uses (0 = whole sequences) "
+                                  "(default %(default)s)")
+    depth_cache: str = opt("auto", "where the block search keeps the states entering every block: device, cpu "
+                                   "(host RAM), disk (temporary files), recompute (keep none), or auto (device when "
+                                   "it fits a quarter of free memory, else cpu, else disk) (default %(default)s)",
+                           choices=DEPTH_CACHES)
+    rescore: str = opt("bounded", "iterative cka: after each removal rescore only the blocks that can still win under "
+                                  "the angle bound (bounded), or every block (all, exact greedy) (default %(default)s)",
+                       choices=RESCORES)
 
     def validate(self) -> None:
         _choice(self.layer_criterion, LAYER_CRITERIA, "--layer-criterion")
         _choice(self.representation, REPRESENTATIONS, "--representation")
         _int_at_least(self.layers, 1, "--layers", optional=True, what="blocks")
+        _choice(self.depth_cache, DEPTH_CACHES, "--depth-cache")
+        _choice(self.rescore, RESCORES, "--rescore")
+        _int_at_least(self.depth_samples, 0, "--depth-samples")
+        _int_at_least(self.depth_seq_len, 0, "--depth-seq-len")
+        if 0 < self.depth_seq_len < MIN_CHUNK_TOKENS:
+            raise AmpPruneError(f"--depth-seq-len must be 0 (whole sequences) or at least {MIN_CHUNK_TOKENS} "
+                                f"(got {self.depth_seq_len})")
         try:
             bad = self.standin_damp != "auto" and not 0 <= float(self.standin_damp) < 1e4
         except (TypeError, ValueError):

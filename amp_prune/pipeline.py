@@ -21,6 +21,7 @@ import torch
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch, build_batches, check_source
 from amp_prune.config import CalibConfig, PruneConfig
+from amp_prune.depth.cache import depth_batches
 from amp_prune.depth.hybrid import plan_hybrid
 from amp_prune.depth.search import plan_depth
 from amp_prune.errors import AmpPruneError
@@ -99,11 +100,18 @@ def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePl
                       attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
 
 
+def _search_batches(calib: list[Batch], job: Job) -> list[Batch]:
+    """The calibration sequences the block search uses: ``--depth-samples`` x ``--depth-seq-len``."""
+    d = job.config.depth
+    return depth_batches(calib, d.depth_samples or None, d.depth_seq_len or None)
+
+
 def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
-    plan = plan_depth(model, job.spec, calib, job.n_blocks, device=job.device, criterion=c.depth.layer_criterion,
-                      iterative=not c.depth.one_shot, representation=c.depth.representation, ratio=c.ratio,
-                      progress=c.runtime.progress)
+    plan = plan_depth(model, job.spec, _search_batches(calib, job), job.n_blocks, device=job.device,
+                      criterion=c.depth.layer_criterion, iterative=not c.depth.one_shot,
+                      representation=c.depth.representation, cache=c.depth.depth_cache, rescore=c.depth.rescore,
+                      ratio=c.ratio, progress=c.runtime.progress)
     plan.standin = c.depth.stand_in
     plan.standin_damp = c.depth.standin_ridge if c.depth.stand_in else None
     return plan
@@ -114,7 +122,8 @@ def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PruneP
     return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
                        representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
                        attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
-                       standin_damp=c.depth.standin_ridge, compare_refit=c.depth.compare_refit)
+                       standin_damp=c.depth.standin_ridge, compare_refit=c.depth.compare_refit,
+                       search_batches=_search_batches(calib, job), cache=c.depth.depth_cache)
 
 
 PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {

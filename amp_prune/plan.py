@@ -38,6 +38,8 @@ class DepthStep:
     metrics: dict[str, list[float]]
     removed: list[int]  # original indices removed at this step
     score_name: str = "cka"
+    rescored: list[int] | None = None  # bounded rescoring: the candidates scored afresh (the rest carry old scores)
+    drift: float | None = None  # arccos(CKA) between the model's representation before and after this removal
     type: str = "depth"
 
 

@@ -120,7 +120,8 @@ def format_steps(steps: list[Step], top: int = 5) -> str:
         higher = name == "cka"
         order = sorted(range(len(vals)), key=lambda i: -vals[i] if higher else vals[i])[:top]
         cands = ", ".join(f"{st.candidates[i]}:{vals[i]:.4f}" for i in order)
-        lines.append(head + f"drop {st.removed}  best {name} (block:score) {cands}")
+        fresh = f"  (rescored {len(st.rescored)} of {len(st.candidates)})" if st.rescored is not None else ""
+        lines.append(head + f"drop {st.removed}  best {name} (block:score) {cands}{fresh}")
     return "\n".join(lines)
 
 

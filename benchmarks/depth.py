@@ -1,6 +1,9 @@
 """Depth-pruning benchmarks on SmolLM2 (CPU by default).
 
     python benchmarks/depth.py speed    # time of one removal step vs number of layers, with/without prefix cache
+    python benchmarks/depth.py search   # the whole --blocks iterative CKA search: exact against bounded rescoring
+                                        # and token caps, on the CLI's calibration (64 x 512) cut as --depth-* cut it
+    python benchmarks/depth.py memory   # peak RSS of the prefix cache against tokens, blocks and --depth-cache
     python benchmarks/depth.py quality  # WikiText-2 perplexity of each depth criterion (with and without the
                                         # stand-in), hybrid and AMP width (with and without the refit) at the
                                         # parameter budget of --blocks dropped blocks
@@ -12,7 +15,9 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import statistics
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -20,12 +25,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, save_json, wikitext_text  # noqa: E402
+from _common import measure, print_table, rss_mb, save_json, wikitext_text  # noqa: E402
 
 from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.depth.cache import depth_batches, estimate_bytes, tokens_of  # noqa: E402
 from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
-from amp_prune.depth.search import DepthSearch, plan_depth, random_blocks  # noqa: E402
+from amp_prune.depth.search import DepthSearch, angle, plan_depth, random_blocks  # noqa: E402
 from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
+from amp_prune.plan import step_to_dict  # noqa: E402
 from amp_prune.io.load import load_model, resolve_device  # noqa: E402
 from amp_prune.refit import compute_weights  # noqa: E402
 from amp_prune.surgery import apply_plan, remove_blocks  # noqa: E402
@@ -43,7 +50,8 @@ def speed(args, lm, calib, device) -> list[dict]:
             remove_blocks(model, lm.spec, list(range(n, n_total)))
         row = {"layers": n}
         for use_cache in (True, False):
-            s = DepthSearch(model, lm.spec, calib, device, use_cache=use_cache, progress=False)
+            s = DepthSearch(model, lm.spec, calib, device, placement="device" if use_cache else "recompute",
+                            progress=False)
             t = time.perf_counter()
             cache = s.prefix_pass()
             s.set_reference(cache)
@@ -56,6 +64,93 @@ def speed(args, lm, calib, device) -> list[dict]:
         row["speed-up"] = row["without cache s"] / row["with cache s"]
         rows.append(row)
         print(row, flush=True)
+    return rows
+
+
+def needed_margin(plan) -> float:
+    """The smallest margin under which the bound held for every candidate of an exact (rescore all) search:
+    max over steps s and candidates i of (theta_i(s-1) - theta_i(s)) / drift(s-1)."""
+    worst = 0.0
+    for prev, cur in zip(plan.steps, plan.steps[1:]):
+        before = dict(zip(prev.candidates, prev.metrics["cka"]))
+        for i, c in zip(cur.candidates, cur.metrics["cka"]):
+            if prev.drift:
+                worst = max(worst, (angle(before[i]) - angle(c)) / prev.drift)
+    return worst
+
+
+def count_forwards(model, spec):
+    """A counter of block calls (one per batch) and the hook handles that feed it."""
+    n = [0]
+    hooks = [layer.register_forward_pre_hook(lambda *_: n.__setitem__(0, n[0] + 1))
+             for layer in spec.get_layers(model)]
+    return n, hooks
+
+
+def search(args, lm, device) -> list[dict]:
+    """The iterative CKA search of --blocks blocks, exact and bounded, at several token caps, side by side."""
+    calib, _ = build_batches(lm.tokenizer, num_samples=64, seq_len=512)  # the CLI's calibration
+    wiki = text_windows(lm.tokenizer, wikitext_text(), args.seq_len, max_windows=args.windows)
+    rows, exact_blocks = [], None
+    for samples, seq_len, rescore, margin in args.search_rows:
+        batches = depth_batches(calib, samples, seq_len)
+        n, hooks = count_forwards(lm.model, lm.spec)
+        t = time.perf_counter()
+        plan = plan_depth(lm.model, lm.spec, batches, args.blocks, device=device, rescore=rescore, margin=margin,
+                          progress=False)
+        wall = time.perf_counter() - t
+        for h in hooks:
+            h.remove()
+        model = copy.deepcopy(lm.model)
+        remove_blocks(model, lm.spec, plan.removed_layers)
+        exact_blocks = exact_blocks or plan.removed_layers
+        rows.append({"search": f"{samples} x {seq_len}, " + ("exact" if rescore == "all" else f"bounded, margin {margin:g}"),
+                     "tokens": tokens_of(batches), "block-forwards": n[0] // len(batches), "search s": wall,
+                     "blocks": str(plan.removed_layers), "same as first row": plan.removed_layers == exact_blocks,
+                     "wikitext2 ppl": perplexity(model, lm.spec, wiki, device),
+                     "needed margin": f"{needed_margin(plan):.2f}" if rescore == "all" else "",
+                     "rescored per step": " ".join(str(len(st.rescored)) if st.rescored else str(len(st.candidates))
+                                                   for st in plan.steps)})
+        print(rows[-1], flush=True)
+        rows[-1]["steps"] = [step_to_dict(st) for st in plan.steps]  # JSON only: every score of every step
+    return rows
+
+
+def memory_one(args) -> None:
+    """One memory measurement in a fresh process (so peak RSS is its own): prints one JSON row."""
+    lm = load_model(args.model, device="cpu")
+    n_total = lm.spec.dims(lm.model.config)["n_layers"]
+    if args.layers < n_total:
+        remove_blocks(lm.model, lm.spec, list(range(args.layers, n_total)))
+    seqs = max(1, args.tokens // 128)
+    calib, _ = build_batches(lm.tokenizer, num_samples=seqs, seq_len=128)
+    d = lm.spec.dims(lm.model.config)
+    est = estimate_bytes(calib, d["n_layers"], d["hidden"], torch.float32)
+    s = DepthSearch(lm.model, lm.spec, calib, torch.device("cpu"), placement=args.placement, progress=False)
+    warm = DepthSearch(lm.model, lm.spec, calib[:1], torch.device("cpu"), placement="recompute", progress=False)
+    warm.prefix_pass().close()  # warm-up: page in every (memory-mapped) weight, fill the allocator and thread pools
+    base, rec = rss_mb(), {}
+    with measure(rec, "pass", torch.device("cpu")):
+        cache = s.prefix_pass()
+        s.ref = s.represent(cache[max(cache)])
+        stored = cache.stored_bytes()
+        for i in s.alive[-2:]:  # two candidates' scoring on top of the cache
+            s.cka_of(cache, i)
+    print(json.dumps({"layers": args.layers, "tokens": tokens_of(calib), "cache": args.placement,
+                      "estimate MB": est / 2**20, "stored MB": stored / 2**20,
+                      "peak RSS above the loaded model MB": rec["pass"]["peak_rss_mb"] - base}))
+
+
+def memory(args) -> list[dict]:
+    rows = []
+    for layers in args.memory_layers:
+        for tokens in args.memory_tokens:
+            for placement in ("device", "disk", "recompute"):
+                out = subprocess.run([sys.executable, __file__, "memory-one", "--model", args.model, "--layers",
+                                      str(layers), "--tokens", str(tokens), "--placement", placement],
+                                     capture_output=True, text=True, check=True)
+                rows.append(json.loads(out.stdout.strip().splitlines()[-1]))
+                print(rows[-1], flush=True)
     return rows
 
 
@@ -121,7 +216,7 @@ def quality(args, lm, calib, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["speed", "quality"])
+    ap.add_argument("mode", choices=["speed", "quality", "search", "memory", "memory-one"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=128)
@@ -143,7 +238,25 @@ def main() -> None:
                          "(the CLI default); refit candidates (--compare-refit)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--json")
+    ap.add_argument("--margins", type=float, nargs="+", default=[2.0, 1.0], help="search: bounded margins to run")
+    ap.add_argument("--caps", nargs="+", default=["16x128", "16x64", "32x64"],
+                    help="search: SEQUENCESxTOKENS caps of the bounded rows (the exact row uses the first)")
+    ap.add_argument("--memory-layers", type=int, nargs="+", default=[10, 30])
+    ap.add_argument("--memory-tokens", type=int, nargs="+", default=[2048, 8192])
+    ap.add_argument("--layers", type=int, default=30, help="memory-one: blocks kept")
+    ap.add_argument("--tokens", type=int, default=2048, help="memory-one: calibration tokens (sequences of 128)")
+    ap.add_argument("--placement", default="device", help="memory-one: --depth-cache")
     args = ap.parse_args()
+    if args.mode == "memory-one":
+        return memory_one(args)
+    if args.mode == "memory":
+        rows = memory(args)
+        print(f"\n{args.model}, fp32, CPU: one prefix pass plus two candidates, in a fresh process each\n")
+        print_table(rows, ["layers", "tokens", "cache", "estimate MB", "stored MB", "peak RSS above the loaded model MB"])
+        return save_json(args.json, rows)
+    caps = [tuple(int(v) for v in c.split("x")) for c in args.caps]
+    args.search_rows = ([(*caps[0], "all", 0.0)] + [(*caps[0], "bounded", m) for m in args.margins]
+                        + [(*c, "bounded", args.margins[0]) for c in caps[1:]])
     args.criteria = [("cka", "pooled", False), ("angular", "pooled", False), ("bi", "pooled", False),
                      ("consensus", "pooled", False)]
     if args.all_criteria:
@@ -153,7 +266,14 @@ def main() -> None:
     calib, _ = build_batches(lm.tokenizer, num_samples=args.num_samples, seq_len=args.calib_seq_len)
     tokens = sum(b.num_tokens for b in calib)
     where = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {torch.get_num_threads()} threads"
-    if args.mode == "speed":
+    if args.mode == "search":
+        rows = search(args, lm, device)
+        print(f"\n{args.model}: iterative CKA search for {args.blocks} blocks (pooled), no stand-in; calibration "
+              f"64 x 512 (the CLI's) cut to SEQUENCES x TOKENS; WikiText-2 test {args.windows} x {args.seq_len}; "
+              f"{where}\n")
+        print_table(rows, ["search", "tokens", "block-forwards", "search s", "rescored per step", "blocks",
+                           "same as first row", "wikitext2 ppl", "needed margin"])
+    elif args.mode == "speed":
         rows = speed(args, lm, calib, device)
         print(f"\n{args.model} truncated to L blocks; one CKA removal step over {tokens} calibration tokens; {where}\n")
         print_table(rows, ["layers", "block-forwards with", "with cache s", "block-forwards without",

@@ -116,9 +116,14 @@ def test_bad_layer_count(tiny_dir, tmp_path, layers):
 
 def test_depth_end_to_end_writes_plot(tiny_dir, tmp_path, capsys):
     out = tmp_path / "d"
-    assert main([str(tiny_dir("qwen3")), "--method", "cka", "--layers", "1", "--out", str(out), *TINY]) == 0
-    text = capsys.readouterr().out
+    assert main([str(tiny_dir("qwen3")), "--method", "cka", "--layers", "1", "--out", str(out), "--depth-cache", "disk",
+                 *TINY]) == 0
+    captured = capsys.readouterr()
+    text = captured.out
     assert "step  1: drop [" in text and "decoder blocks" in text
+    # the cache estimate comes before the search: 4 sequences of <= 32 tokens, 3 blocks + 1, hidden 64, fp32
+    assert "depth search: 4 sequences" in captured.err and "prefix cache is about" in captured.err
+    assert "kept on disk" in captured.err
     assert (out / "layer_scores.png").stat().st_size > 1000
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["representation"] == "pooled" and run["summary"]["layers_after"] == 2

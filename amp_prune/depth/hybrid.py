@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import MaskRef
 from amp_prune.calib.data import Batch
-from amp_prune.depth.search import DepthSearch, choose
+from amp_prune.depth.search import DepthSearch, announce_cache, choose
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import HybridStep, LayerPlan, PrunePlan
 from amp_prune.refit import compute_weights
@@ -116,7 +116,9 @@ def candidate_representation(search: DepthSearch, plan: PrunePlan, weights: dict
         cache = search.prefix_pass(layer_context=layer_context)
     finally:
         search.removed = saved
-    return search.represent(cache[max(cache)])
+    reps = search.represent(cache[max(cache)])
+    cache.close()
+    return reps
 
 
 def _standin(work: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: list[Batch], device: torch.device,
@@ -129,7 +131,8 @@ def _standin(work: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: list[Bat
 def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: float, *, device: torch.device,
                 gqa_mode: str = "group", representation: str = "pooled", seed: int = 0, progress: bool = True,
                 attn_units: str | int = "uniform", refit: str = "none", standin: bool = False,
-                damp: float = 0.0, standin_damp: float | str = "auto", compare_refit: bool = False) -> PrunePlan:
+                damp: float = 0.0, standin_damp: float | str = "auto", compare_refit: bool = False,
+                search_batches: list[Batch] | None = None, cache: str = "device") -> PrunePlan:
     """Plan the removal of about ``ratio`` of ``model``'s parameters by width and depth steps; ``model`` is untouched.
 
     The returned plan records ``refit`` / ``standin``, and the pipeline computes those weights for the
@@ -140,6 +143,8 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
     WikiText-2 ppl at 15.8%, docs/results.md), so by default the candidates are compared as they are.
     Width steps choose their attention/MLP split as ``attn_units`` says (see
     :func:`amp_prune.width.planner.plan_width`; without ``compare_refit`` its losses are unrefit too).
+    Width candidates are scored on ``batches``; the CKA comparisons (and the depth candidates) run on
+    ``search_batches`` (default: ``batches``), whose prefix cache is placed as ``cache`` says.
     """
     d0 = spec.dims(model.config)
     mode = effective_mode(model, spec, gqa_mode)
@@ -147,7 +152,10 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
     target = ratio * total
     ctx = ScoreContext(device=device, seed=seed, progress=False)
     tracker = _Tracker.start(d0)
-    ref_search = DepthSearch(model, spec, batches, device, representation=representation, progress=progress)
+    sb = search_batches or batches
+    placement = announce_cache(model, spec, sb, device, cache)
+    ref_search = DepthSearch(model, spec, sb, device, representation=representation, progress=progress,
+                             placement=placement)
     ref_search.set_reference(ref_search.prefix_pass())
     reference = ref_search.ref
     work = copy.deepcopy(model)  # private: the caller's model changes only when the pipeline applies the plan
@@ -157,7 +165,8 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
         left = target - (total - count_params(work))
         if left <= 0.001 * total:
             break
-        search = DepthSearch(work, spec, batches, device, representation=representation, progress=progress)
+        search = DepthSearch(work, spec, sb, device, representation=representation, progress=progress,
+                             placement=placement)
         search.ref = reference
         cache = search.prefix_pass()
         parent = search.represent(cache[max(cache)])
@@ -191,6 +200,7 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
                 apply_plan(work, width, spec)
                 tracker.width(width)
                 step.choice = "width"
+        cache.close()
         step.removed_params = step.params - count_params(work)
         steps.append(step)
         log.info("hybrid step %d: %s", step.step, step.choice)

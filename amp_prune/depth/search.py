@@ -4,8 +4,24 @@ Iterative CKA (default): at each step, for every remaining block ``i``, skip it 
 the model's final representation (after the final norm, pad tokens excluded; per-sequence
 means by default, or per-token states) with the *unpruned* model's by linear CKA; remove
 the block with the highest CKA and repeat.
-A prefix cache holds the states entering every block, so candidate ``i`` runs only blocks
-``i+1..L-1``: one step costs ``L + L(L-1)/2`` block-forwards instead of ``L(L-1)``.
+A prefix cache (:mod:`amp_prune.depth.cache`, placed on the device, in host RAM or on disk) holds
+the states entering every block, so candidate ``i`` runs only blocks ``i+1..L-1``: one step costs
+at most ``L + L(L-1)/2`` block-forwards instead of ``L(L-1)``. After block ``k`` is removed, only
+the states from ``k`` on are recomputed.
+
+Bounded rescoring (``rescore="bounded"``, the default for iterative ``cka``): write
+``theta = arccos(CKA)`` (linear CKA is the cosine between centred Gram matrices, so ``theta`` is an
+angle on a sphere and obeys the triangle inequality). For a candidate last scored at angle
+``theta_i`` on an earlier model ``P`` and the current model ``P'``,
+
+    theta_i' >= theta_i - sum over the removals since of margin * arccos(CKA(P, P'))
+
+under the stated assumption that removing a block from "the model minus ``i``" moves the
+representation by at most ``margin`` times what removing it moved the model itself (the angle
+``theta(P, P')``, measured for free from the final states). Candidates are rescored in the
+order of that lower bound, and rescoring stops once the lower bound of every remaining one
+exceeds the best angle found: under the assumption, none of them can win. ``rescore="all"``
+rescores every candidate at every step (exact greedy).
 
 Other criteria: ``angular`` (Gromov et al.: ``arccos(cos(x_in, x_out)) / pi`` of a block,
 mean over tokens), ``bi`` (ShortGPT Block Influence ``1 - cos``), ``kl`` (KL divergence of the
@@ -16,6 +32,7 @@ next-token distribution from the unpruned model's, on a token subsample) and ``c
 from __future__ import annotations
 
 import logging
+import math
 import random
 from dataclasses import dataclass, field
 
@@ -27,14 +44,17 @@ from tqdm.auto import tqdm
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import BlockInputs, capture_inputs, run_blocks
 from amp_prune.calib.data import Batch
-from amp_prune.config import LAYER_CRITERIA, REPRESENTATIONS
-from amp_prune.depth.similarity import StreamingCKA, angular_distance, block_influence, rank_sum
+from amp_prune.config import LAYER_CRITERIA, REPRESENTATIONS, RESCORES
+from amp_prune.depth.cache import StateCache, choose_placement, estimate_bytes, tokens_of
+from amp_prune.depth.similarity import StreamingCKA, rank_sum
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import DepthStep, PrunePlan
 
 log = logging.getLogger(__name__)
+estimate_log = logging.getLogger("amp_prune.estimate")  # the CLI shows this one without -v
 
 CONSENSUS = ("cka", "angular", "bi", "kl")
+DEFAULT_MARGIN = 2.0  # of the bounded rescoring: the exact search needed 0.84 (benchmarks/depth.py search)
 HIGHER_IS_REMOVABLE = {"cka": True, "angular": False, "bi": False, "kl": False}
 
 
@@ -51,7 +71,7 @@ class DepthSearch:
     batches: list[Batch]
     device: torch.device
     representation: str = "pooled"
-    use_cache: bool = True
+    placement: str = "device"  # where the prefix cache lives: device | cpu | disk | recompute (see depth.cache)
     kl_tokens: int = 512
     progress: bool = True
     ref: list[torch.Tensor] = field(default_factory=list)
@@ -62,11 +82,6 @@ class DepthSearch:
     def alive(self) -> list[int]:
         """Original indices of the remaining blocks."""
         return [i for i in range(len(self.spec.get_layers(self.model))) if i not in self.removed]
-
-    def _next(self, i: int) -> int:
-        """The remaining block after ``i``, or ``L`` (the key of the final states)."""
-        n = len(self.spec.get_layers(self.model))
-        return next((j for j in range(i + 1, n) if j not in self.removed), n)
 
     def represent(self, states: list[BlockInputs]) -> list[torch.Tensor]:
         """Final-norm hidden states: real tokens ``[n, H]`` per batch, or per-sequence means ``[B, H]``."""
@@ -88,16 +103,31 @@ class DepthSearch:
         head = self.spec.submodule(self.model, self.spec.lm_head)
         return F.log_softmax(head(rows.to(head.weight.dtype)).float(), dim=-1)
 
-    def prefix_pass(self, layer_context=None) -> dict[int, list[BlockInputs]]:
-        """States entering every remaining block (key ``L`` = after the last block)."""
-        cache: dict[int, list[BlockInputs]] = {}
+    def prefix_pass(self, layer_context=None) -> StateCache:
+        """States entering every remaining block (key ``L`` = after the last block), placed as ``placement``."""
+        cache = StateCache(self.placement, self.device, changes=True)
         inputs = capture_inputs(self.model, self.spec, self.batches, self.device)
-        cache[len(self.spec.get_layers(self.model))] = run_blocks(
-            self.model, self.spec, inputs, self.device, record=cache, layer_context=layer_context, progress=False,
-            skip=self.removed)
+        final = run_blocks(self.model, self.spec, inputs, self.device, record=cache, layer_context=layer_context,
+                           progress=False, skip=self.removed)
+        cache.set_final(len(self.spec.get_layers(self.model)), final)
         return cache
 
-    def set_reference(self, cache: dict[int, list[BlockInputs]]) -> None:
+    def advance(self, cache: StateCache, k: int) -> StateCache:
+        """The cache after block ``k`` (already in ``removed``) is gone: states before ``k`` are unchanged, so
+        only blocks after it are rerun, from the states that entered ``k``."""
+        if not cache.has_states(k):  # recompute: nothing stored to restart from
+            cache.close()
+            return self.prefix_pass()
+        states = cache[k]
+        cache.pop(k)
+        cache.resume()
+        n = len(self.spec.get_layers(self.model))
+        final = run_blocks(self.model, self.spec, states, self.device, start=k + 1, skip=self.removed, record=cache,
+                           progress=False)
+        cache.set_final(n, final)
+        return cache
+
+    def set_reference(self, cache: StateCache) -> None:
         self.ref = self.represent(cache[max(cache)])
         self.ref_kl = self._kl_rows(cache[max(cache)])
 
@@ -107,15 +137,19 @@ class DepthSearch:
             acc.update(a.to(b.device), b)
         return acc.value()
 
-    def candidate_states(self, cache: dict[int, list[BlockInputs]], i: int) -> list[BlockInputs]:
+    def candidate_states(self, cache: StateCache, i: int) -> list[BlockInputs]:
         """States after the last block with block ``i`` (original index) skipped as well."""
-        if self.use_cache:
+        if cache.has_states(i):
             return run_blocks(self.model, self.spec, cache[i], self.device, start=i + 1, skip=self.removed,
                               progress=False)
         return run_blocks(self.model, self.spec, capture_inputs(self.model, self.spec, self.batches, self.device),
                           self.device, skip=self.removed | {i}, progress=False)
 
-    def score(self, cache: dict[int, list[BlockInputs]], metrics: tuple[str, ...], *,
+    def cka_of(self, cache: StateCache, i: int) -> float:
+        """CKA to the reference of the model with block ``i`` skipped too."""
+        return self.cka_to(self.ref, self.represent(self.candidate_states(cache, i)))
+
+    def score(self, cache: StateCache, metrics: tuple[str, ...], *,
               parent: list[torch.Tensor] | None = None, desc: str = "scoring blocks") -> dict[str, list[float]]:
         """Every requested metric for every remaining block (in order); ``cka_parent`` too when ``parent`` is given."""
         out: dict[str, list[float]] = {m: [] for m in metrics}
@@ -123,14 +157,11 @@ class DepthSearch:
             out["cka_parent"] = []
         need_forward = "cka" in metrics or "kl" in metrics or parent is not None
         for i in tqdm(self.alive, desc=desc, disable=not self.progress, leave=False):
-            ins, outs = cache[i], cache[self._next(i)]
-            if "angular" in metrics or "bi" in metrics:
-                a = torch.cat([s.hidden[s.mask] for s in ins])
-                b = torch.cat([s.hidden[s.mask] for s in outs])
-                if "angular" in metrics:
-                    out["angular"].append(angular_distance(a, b).mean().item())
-                if "bi" in metrics:
-                    out["bi"].append(block_influence(a, b).mean().item())
+            angular, bi = cache.changes[i]
+            if "angular" in metrics:
+                out["angular"].append(angular)
+            if "bi" in metrics:
+                out["bi"].append(bi)
             if not need_forward:
                 continue
             states = self.candidate_states(cache, i)
@@ -144,6 +175,46 @@ class DepthSearch:
                 out["kl"].append(F.kl_div(logp, self.ref_kl.to(logp.device), log_target=True,
                                           reduction="batchmean").item())
         return out
+
+
+def angle(cka: float) -> float:
+    """``arccos(CKA)``: the angle between centred Gram matrices (``nan`` CKA counts as the largest angle)."""
+    return math.pi / 2 if math.isnan(cka) else math.acos(min(max(cka, 0.0), 1.0))
+
+
+@dataclass
+class BoundedRescore:
+    """Last fresh angle of each candidate and the slack accumulated since (``margin * theta(P, P')`` per removal)."""
+
+    margin: float
+    theta: dict[int, float] = field(default_factory=dict)
+    slack: dict[int, float] = field(default_factory=dict)
+
+    def record(self, scored: dict[int, float]) -> None:
+        for i, cka in scored.items():
+            self.theta[i], self.slack[i] = angle(cka), 0.0
+
+    def moved(self, drift: float) -> None:
+        """The model moved by angle ``drift`` (one removal): every stale score loosens by ``margin * drift``."""
+        for i in self.slack:
+            self.slack[i] += self.margin * drift
+
+    def rescore(self, search: DepthSearch, cache: StateCache, desc: str) -> tuple[dict[str, list[float]], list[int]]:
+        """CKA of every candidate that can still win (fresh) or its last score (stale); and the rescored ones."""
+        alive = search.alive
+        order = sorted(alive, key=lambda i: (self.theta[i] - self.slack[i], i))
+        best, fresh = math.inf, {}
+        bar = tqdm(total=len(order), desc=desc, disable=not search.progress, leave=False)
+        for i in order:
+            if self.theta[i] - self.slack[i] > best:
+                break
+            fresh[i] = search.cka_of(cache, i)
+            best = min(best, angle(fresh[i]))
+            bar.update()
+        bar.close()
+        stale = {i: math.cos(self.theta[i]) for i in alive if i not in fresh}
+        self.record(fresh)
+        return {"cka": [fresh[i] if i in fresh else stale[i] for i in alive]}, sorted(fresh)
 
 
 def choose(metrics: dict[str, list[float]], criterion: str) -> list[int]:
@@ -163,31 +234,70 @@ def metrics_for(criterion: str) -> tuple[str, ...]:
 
 def plan_depth(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_blocks: int, *, device: torch.device,
                criterion: str = "cka", iterative: bool = True, representation: str = "pooled",
-               use_cache: bool = True, ratio: float = 0.0, progress: bool = True) -> PrunePlan:
-    """Choose ``n_blocks`` blocks to drop; return the plan. ``model`` is never changed (removed blocks are skipped)."""
+               cache: str = "auto", rescore: str = "bounded", margin: float = DEFAULT_MARGIN, ratio: float = 0.0,
+               progress: bool = True) -> PrunePlan:
+    """Choose ``n_blocks`` blocks to drop; return the plan. ``model`` is never changed (removed blocks are skipped).
+
+    ``cache``: where the prefix cache lives (:data:`amp_prune.depth.cache.PLACEMENTS`); ``rescore``:
+    ``bounded`` (see the module docstring; iterative ``cka`` only, others always rescore all) or ``all``.
+    """
     n_layers = len(spec.get_layers(model))
     if not 0 < n_blocks < n_layers:
         raise AmpPruneError(f"--layers must be between 1 and {n_layers - 1} for a model with {n_layers} blocks "
                             f"(got {n_blocks})")
     if representation not in REPRESENTATIONS:
         raise AmpPruneError(f"unknown representation '{representation}': choose one of {', '.join(REPRESENTATIONS)}")
+    if rescore not in RESCORES:
+        raise AmpPruneError(f"unknown --rescore '{rescore}': choose one of {', '.join(RESCORES)}")
     metrics = metrics_for(criterion)
-    search = DepthSearch(model, spec, batches, device, representation=representation, use_cache=use_cache,
+    placement = announce_cache(model, spec, batches, device, cache)
+    search = DepthSearch(model, spec, batches, device, representation=representation, placement=placement,
                          progress=progress)
+    bounded = BoundedRescore(margin) if rescore == "bounded" and criterion == "cka" and iterative else None
     steps: list[DepthStep] = []
-    cache = search.prefix_pass()
-    search.set_reference(cache)
+    states = search.prefix_pass()
+    search.set_reference(states)
+    parent = search.ref
     for step in tqdm(range(n_blocks if iterative else 1), desc=f"{criterion} block removal", disable=not progress):
         alive = search.alive
-        scores = search.score(cache, metrics, desc=f"step {step + 1}: scoring {len(alive)} blocks")
+        desc = f"step {step + 1}: scoring {len(alive)} blocks"
+        rescored = None
+        if bounded is not None and step > 0:
+            scores, rescored = bounded.rescore(search, states, desc)
+        else:
+            scores = search.score(states, metrics, desc=desc)
+            if bounded is not None:
+                bounded.record(dict(zip(alive, scores["cka"])))
         order = choose(scores, criterion)
         pick = [alive[j] for j in (order[:1] if iterative else sorted(order[:n_blocks]))]
-        steps.append(DepthStep(step=step, candidates=alive, metrics=scores, removed=pick, score_name=criterion))
         search.removed |= set(pick)
+        drift = None
         if iterative and step + 1 < n_blocks:
-            cache = search.prefix_pass()
+            states = search.advance(states, pick[0])
+            now = search.represent(states[max(states)])
+            drift = angle(search.cka_to(parent, now))
+            parent = now
+            if bounded is not None:
+                bounded.moved(drift)
+        steps.append(DepthStep(step=step, candidates=alive, metrics=scores, removed=pick, score_name=criterion,
+                               rescored=rescored, drift=drift))
+    states.close()
     return PrunePlan.blocks_only(model.config.model_type, spec.dims(model.config), sorted(search.removed),
                                  criterion=criterion, target_ratio=ratio, method="cka", steps=steps)
+
+
+def announce_cache(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, cache: str) -> str:
+    """Resolve the cache placement and log the estimate (before any forward pass)."""
+    d = spec.dims(model.config)
+    dtype = next(model.parameters()).dtype
+    est = estimate_bytes(batches, d["n_layers"], d["hidden"], dtype)
+    placement = choose_placement(cache, est, device)
+    estimate_log.info("depth search: %d sequences, %d token positions; a full prefix cache is about %.2f GB "
+                      "(%d blocks + 1 x tokens x %d x %s), kept %s", sum(b.input_ids.shape[0] for b in batches),
+                      tokens_of(batches), est / 1e9, d["n_layers"], d["hidden"], str(dtype).replace("torch.", ""),
+                      {"device": f"on {device}", "cpu": "in host RAM", "disk": "on disk",
+                       "recompute": "nowhere (recomputed)"}[placement])
+    return placement
 
 
 def random_blocks(n_layers: int, n_blocks: int, seed: int) -> list[int]:

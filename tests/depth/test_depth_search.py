@@ -54,16 +54,19 @@ def test_dropping_block_equals_identity_block(family, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "d").config.num_hidden_layers == 3
 
 
-def test_prefix_cache_gives_the_same_scores_as_full_reruns():
+@pytest.mark.parametrize("placement", ["cpu", "disk", "recompute"])
+def test_every_cache_placement_gives_the_scores_of_the_device_cache(placement):
     model = tiny_model("llama_gqa", layers=5)
     spec = get_spec("llama")
-    fast = DepthSearch(model, spec, random_batches(), CPU, use_cache=True, progress=False)
-    slow = DepthSearch(model, spec, random_batches(), CPU, use_cache=False, progress=False)
-    for s in (fast, slow):
+    fast = DepthSearch(model, spec, random_batches(), CPU, placement="device", progress=False)
+    other = DepthSearch(model, spec, random_batches(), CPU, placement=placement, progress=False)
+    for s in (fast, other):
         s.set_reference(s.prefix_pass())
-    a = fast.score(fast.prefix_pass(), ("cka", "kl"))
-    b = slow.score(slow.prefix_pass(), ("cka", "kl"))
-    for k in a:
+        s.removed = {1}  # a removal on top, so candidates skip blocks
+    metrics = ("cka", "kl", "angular", "bi")
+    a = fast.score(fast.prefix_pass(), metrics)
+    b = other.score(other.prefix_pass(), metrics)
+    for k in metrics:
         assert a[k] == pytest.approx(b[k], rel=1e-6, abs=1e-9)
 
 
