@@ -113,7 +113,7 @@ def candidate_representation(search: DepthSearch, plan: PrunePlan, weights: dict
     saved = search.removed
     search.removed = saved | set(plan.removed_layers)
     try:
-        cache = search.prefix_pass(layer_context=layer_context)
+        cache = search.prefix_pass(layer_context=layer_context, keep=False)
     finally:
         search.removed = saved
     reps = search.represent(cache[max(cache)])

@@ -103,9 +103,10 @@ class DepthSearch:
         head = self.spec.submodule(self.model, self.spec.lm_head)
         return F.log_softmax(head(rows.to(head.weight.dtype)).float(), dim=-1)
 
-    def prefix_pass(self, layer_context=None) -> StateCache:
-        """States entering every remaining block (key ``L`` = after the last block), placed as ``placement``."""
-        cache = StateCache(self.placement, self.device, changes=True)
+    def prefix_pass(self, layer_context=None, *, keep: bool = True) -> StateCache:
+        """States entering every remaining block (key ``L`` = after the last block), placed as ``placement``;
+        with ``keep=False`` only the final states are kept (all a representation needs)."""
+        cache = StateCache(self.placement if keep else "recompute", self.device, changes=keep)
         inputs = capture_inputs(self.model, self.spec, self.batches, self.device)
         final = run_blocks(self.model, self.spec, inputs, self.device, record=cache, layer_context=layer_context,
                            progress=False, skip=self.removed)
