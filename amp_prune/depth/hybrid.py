@@ -156,7 +156,9 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
     placement = announce_cache(model, spec, sb, device, cache)
     ref_search = DepthSearch(model, spec, sb, device, representation=representation, progress=progress,
                              placement=placement)
-    ref_search.set_reference(ref_search.prefix_pass())
+    ref_cache = ref_search.prefix_pass()
+    ref_search.set_reference(ref_cache)
+    ref_cache.close()
     reference = ref_search.ref
     work = copy.deepcopy(model)  # private: the caller's model changes only when the pipeline applies the plan
     steps: list[HybridStep] = []
@@ -176,6 +178,7 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
         if left < block_params or len(spec.get_layers(work)) <= 1:  # last, exact width step
             width = _width_plan(work, spec, batches, left, mode, ctx, **opts)
             if width is None:
+                cache.close()
                 break
             apply_plan(work, width, spec)
             tracker.width(width)
