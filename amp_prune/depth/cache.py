@@ -99,12 +99,11 @@ class StateCache:
     ``cache[i]`` against the next recorded entry are computed as entries arrive (in block order).
     """
 
-    def __init__(self, placement: str, device: torch.device, *, changes: bool = False,
-                 folder: str | None = None) -> None:
+    def __init__(self, placement: str, device: torch.device, *, changes: bool = False) -> None:
         self.placement, self.device, self.track = placement, device, changes
         self._hidden: dict[int, list[torch.Tensor]] = {}
         self._meta: dict[int, list[tuple[dict, torch.Tensor]]] = {}
-        self._tmp = tempfile.TemporaryDirectory(prefix="amp-prune-depth-", dir=folder) if placement == "disk" else None
+        self._tmp = tempfile.TemporaryDirectory(prefix="amp-prune-depth-") if placement == "disk" else None
         self.changes: dict[int, tuple[float, float]] = {}
         self._last: tuple[int, list[torch.Tensor]] | None = None
         self.final_key: int | None = None
@@ -150,9 +149,6 @@ class StateCache:
             hidden = [loaded[str(n)] for n in range(len(loaded))]
         return [BlockInputs(h, kw, m) for h, (kw, m) in zip(hidden, self._meta[i])]
 
-    def __contains__(self, i: int) -> bool:
-        return i in self._meta
-
     def __iter__(self):
         return iter(sorted(self._meta))
 
@@ -166,10 +162,10 @@ class StateCache:
 
     def stored_bytes(self) -> int:
         """Bytes of hidden states held now, in memory or on disk."""
-        if self.placement == "disk":
-            return sum(f.stat().st_size for f in Path(self._tmp.name).glob("*.safetensors")) + sum(
-                h.numel() * h.element_size() for hs in self._hidden.values() for h in hs)
-        return sum(h.numel() * h.element_size() for hs in self._hidden.values() for h in hs)
+        held = sum(h.numel() * h.element_size() for hs in self._hidden.values() for h in hs)
+        if self._tmp is not None:
+            held += sum(f.stat().st_size for f in Path(self._tmp.name).glob("*.safetensors"))
+        return held
 
     def close(self) -> None:
         if self._tmp is not None:

@@ -158,11 +158,10 @@ class DepthSearch:
             out["cka_parent"] = []
         need_forward = "cka" in metrics or "kl" in metrics or parent is not None
         for i in tqdm(self.alive, desc=desc, disable=not self.progress, leave=False):
-            angular, bi = cache.changes[i]
-            if "angular" in metrics:
-                out["angular"].append(angular)
-            if "bi" in metrics:
-                out["bi"].append(bi)
+            if "angular" in metrics or "bi" in metrics:  # tracked while the prefix pass streamed past
+                for name, value in zip(("angular", "bi"), cache.changes[i]):
+                    if name in metrics:
+                        out[name].append(value)
             if not need_forward:
                 continue
             states = self.candidate_states(cache, i)
