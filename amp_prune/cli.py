@@ -38,8 +38,9 @@ def add_fields(group, cls, *, skip: tuple[str, ...] = ()) -> None:
             action = "store_false" if flag.startswith("--no-") else "store_true"
             group.add_argument(flag, dest=f.name, action=action, help=f.metadata["help"])
         else:
+            extra = {"nargs": "?", "const": f.metadata["const"]} if f.metadata.get("const") is not None else {}
             group.add_argument(flag, dest=f.name, type=kind, default=field_default(f), choices=f.metadata.get("choices"),
-                               metavar=f.metadata.get("metavar"), help=f.metadata["help"])
+                               metavar=f.metadata.get("metavar"), help=f.metadata["help"], **extra)
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
@@ -288,7 +289,8 @@ def main(argv: list[str] | None = None) -> int:
                                 dtype=cfg.runtime.dtype, overwrite=args.overwrite, progress=cfg.runtime.progress,
                                 loss=args.finetune_loss, teacher=cfg.model if distil else None)
             dense, result.model = result.dense, None  # the dense model in memory is the teacher: no second load
-            print(format_finetune(finetune(ft, teacher=(dense, result.tokenizer) if distil else None)))
+            given = (dense, result.tokenizer) if distil and dense is not None else None  # None: loaded by name
+            print(format_finetune(finetune(ft, teacher=given)))
         return 0
     return _guard(args, run)
 

@@ -25,6 +25,7 @@ LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")
 RESCORES = ("bounded", "all")
 DEPTH_CACHES = ("auto", "device", "cpu", "disk", "recompute")
+OFFLOADS = ("none", "cpu", "disk")
 PPL_DATASETS = ("wikitext2",)
 REFITS = ("none", "onepass", "sequential")
 LOSSES = ("kd", "lm", "kd+lm")
@@ -33,12 +34,14 @@ MIN_CHUNK_TOKENS = 16
 
 
 def opt(default, help: str, *, flag: str | None = None, choices: tuple[str, ...] | None = None,
-        metavar: str | None = None, negatable: bool = False, factory=None):
+        metavar: str | None = None, negatable: bool = False, factory=None, const=None):
     """A config field with its CLI help; ``flag`` overrides the flag name derived from the field name.
 
-    ``negatable`` booleans get both ``--name`` and ``--no-name``.
+    ``negatable`` booleans get both ``--name`` and ``--no-name``; a ``const`` makes the value optional
+    (``--name`` alone means ``const``).
     """
-    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "negatable": negatable}
+    meta = {"help": help, "flag": flag, "choices": choices, "metavar": metavar, "negatable": negatable,
+            "const": const}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
@@ -204,11 +207,15 @@ class RuntimeConfig:
 
     device: str = opt("auto", "auto, cpu, cuda, cuda:N (default %(default)s)")
     dtype: str = opt("auto", "auto (bf16 on GPU, fp32 on CPU), float32, bfloat16, float16")
-    offload: bool = opt(False, "keep the model in CPU memory and move one block at a time to --device")
+    offload: str = opt("none", "none; cpu (or --offload alone): keep the model in CPU memory and move one block at a "
+                       "time to --device; disk: keep the blocks in the checkpoint's files and read one at a time "
+                       "(accelerate's disk offload; for models larger than memory)", choices=OFFLOADS, const="cpu")
     progress: bool = opt(True, "hide progress bars", flag="--no-progress")
 
     def validate(self) -> None:
-        pass
+        if isinstance(self.offload, bool):  # configs written before --offload took a value
+            self.offload = "cpu" if self.offload else "none"
+        _choice(self.offload, OFFLOADS, "--offload")
 
 
 SECTIONS = {"calib": CalibConfig, "width": WidthConfig, "depth": DepthConfig, "eval": EvalConfig,
@@ -252,6 +259,9 @@ class PruneConfig:
             raise AmpPruneError("--layers is for --method cka; use --ratio with the other methods")
         for name in SECTIONS:
             getattr(self, name).validate()
+        if self.runtime.offload == "disk" and self.method == "hybrid" and not self.plan:
+            raise AmpPruneError("--offload disk supports --method width and cka (hybrid prunes a working copy of the "
+                                "whole model at every step); use --offload cpu with hybrid")
         return self
 
     @property

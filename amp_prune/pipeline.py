@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -31,7 +32,8 @@ from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.files import peak_rss_mb, versions, write_json
 from amp_prune.io.hub import push_folder, source_metadata
-from amp_prune.io.load import DEMO_ALIAS, LoadedModel, load_model, resolve_device, resolve_dtype
+from amp_prune.io.load import DEMO_ALIAS, LoadedModel, resolve_device, resolve_dtype
+from amp_prune.io.offload import load_placed
 from amp_prune.plan import PrunePlan
 from amp_prune.refit import compute_weights, refit_token_notes
 from amp_prune.report import plot_steps
@@ -165,27 +167,6 @@ def check_inputs(config: PruneConfig) -> Inputs:
     return inputs
 
 
-def _placement(model: torch.nn.Module, device: torch.device, offload: bool) -> torch.device:
-    """Keep the model on the GPU if it fits in 80% of free memory; otherwise run block by block from CPU."""
-    if offload:
-        return torch.device("cpu")
-    need = sum(p.numel() * p.element_size() for p in model.parameters())
-    free, _ = torch.cuda.mem_get_info(device)
-    if need > 0.8 * free:
-        log.warning("model needs %.1f GiB but %s has %.1f GiB free: keeping it in CPU memory and moving one block "
-                    "at a time (as --offload)", need / 2**30, device, free / 2**30)
-        return torch.device("cpu")
-    return device
-
-
-def load(config: PruneConfig, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    """Load MODEL; on a GPU, into CPU memory first, then onto the GPU if it fits (else block by block)."""
-    loaded = load_model(config.model, device=torch.device("cpu") if device.type == "cuda" else device, dtype=dtype)
-    if device.type == "cuda":
-        loaded.model.to(_placement(loaded.model, device, config.runtime.offload))
-    return loaded
-
-
 def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device: torch.device) -> Job:
     """Refuse a request this model cannot satisfy (cheap arithmetic on its shapes, no forward pass)."""
     model, spec = loaded.model, loaded.spec
@@ -305,16 +286,25 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     """
     config.validate()
     t0 = time.perf_counter()
-    timings: dict[str, float] = {}
     out = config.out or config.default_out()
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=None)
     inputs = check_inputs(config)
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
+    spill = tempfile.TemporaryDirectory(prefix="amp-prune-offload-") if config.runtime.offload == "disk" else None
+    try:
+        return _prune(config, save, keep_dense, t0, out, inputs, device, dtype, spill)
+    finally:
+        if spill is not None:
+            spill.cleanup()
 
+
+def _prune(config: PruneConfig, save: bool, keep_dense: bool, t0: float, out: str, inputs: Inputs,
+           device: torch.device, dtype: torch.dtype, spill: tempfile.TemporaryDirectory | None) -> PruneResult:
+    timings: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = load(config, device, dtype)
+    loaded = load_placed(config.model, device, dtype, config.runtime.offload, spill.name if spill else None)
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     job = check_model(config, loaded, inputs, device)
@@ -334,6 +324,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
         t = time.perf_counter()
         plan = PLANNERS[config.method](model, calib, job)
         timings["scoring_s" if config.method == "width" else "search_s"] = time.perf_counter() - t
+        timings["planning_peak_rss_mb"] = peak_rss_mb()  # the process's peak so far: load, dense measure, plan
         if device.type == "cuda":
             timings["scoring_peak_gpu_mb"] = torch.cuda.max_memory_allocated(device) / 2**20
         plan.calibration = {k: v for k, v in config.to_dict().items() if k in REFIT_CALIB_KEYS}
@@ -348,7 +339,9 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
                 refit_batches, _ = calibrate(config, loaded.tokenizer, recorded)
         plan.weights = compute_weights(model, spec, plan, refit_batches, device, progress=config.runtime.progress)
         timings["refit_s"] = time.perf_counter() - t
-    dense_copy = copy.deepcopy(model) if keep_dense else None
+    if keep_dense and spill is not None:
+        job.notes.append("--offload disk keeps no dense copy in memory: the distillation teacher is loaded again")
+    dense_copy = copy.deepcopy(model) if keep_dense and spill is None else None
     t = time.perf_counter()
     apply_plan(model, plan, spec)
     timings["surgery_s"] = time.perf_counter() - t

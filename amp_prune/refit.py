@@ -67,9 +67,10 @@ def compute_weights(model: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: 
             down = spec.down_proj(layers[k])
             _, cols = kept_columns(plan.layers[k], d)
             base = weights.get(k, {}).get("down")
-            base = down.weight.detach()[:, cols].cpu() if base is None else base
-            w = weights.setdefault(k, {})
-            w["down"] = (t.T @ base.double()).to(down.weight.dtype)
-            if down.bias is not None:
-                w["down_bias"] = (t.T @ down.bias.detach().double().cpu()).to(down.bias.dtype)
+            with materialized(layers[k]):  # a no-op unless the blocks are kept on disk
+                base = down.weight.detach()[:, cols].cpu() if base is None else base
+                w = weights.setdefault(k, {})
+                w["down"] = (t.T @ base.double()).to(down.weight.dtype)
+                if down.bias is not None:
+                    w["down_bias"] = (t.T @ down.bias.detach().double().cpu()).to(down.bias.dtype)
     return weights

@@ -15,6 +15,7 @@ from torch import nn
 
 from amp_prune.arch import ArchSpec, get_spec
 from amp_prune.errors import AmpPruneError
+from amp_prune.io.offload import detach, is_offloaded, release
 from amp_prune.plan import LayerPlan, PrunePlan, kept
 
 
@@ -107,6 +108,9 @@ def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None,
     channel counts (one HF config describes them all). A plan with a refit or a stand-in also
     needs its weights (``weights``, else ``plan.weights``): they are computed from calibration
     data, which ``prune(... plan=FILE)`` and ``amp-prune MODEL --plan FILE`` do.
+
+    A model whose blocks are kept on disk (``--offload disk``) is read one kept block at a time;
+    the result is a plain model in CPU memory, without accelerate hooks.
     """
     spec = spec or get_spec(model.config.model_type)
     d = spec.dims(model.config)
@@ -117,11 +121,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None,
                             "weights computed from calibration data; replay it with `amp-prune MODEL --plan FILE`")
     dropped = set(plan.removed_layers)
     layers = spec.get_layers(model)
+    offloaded = is_offloaded(model)
     for lp in plan.layers:
         w = (weights or {}).get(lp.layer)
+        if offloaded and lp.layer not in dropped:
+            detach(layers[lp.layer])  # --offload disk: this block is read once, pruned, and kept in CPU memory
         if lp.layer not in dropped and (lp.heads or lp.kv_heads or lp.channels or w):
             prune_block(layers[lp.layer], spec, lp, d, w)
     spec.set_width(model.config, n_q, n_kv, d["head_dim"], inter)
     if dropped:
         remove_blocks(model, spec, sorted(dropped))
+    if offloaded:
+        release(model)
     return model

@@ -38,8 +38,8 @@ from amp_prune.width.criteria import ScoreContext  # noqa: E402
 from amp_prune.width.planner import plan_width, split_budgets  # noqa: E402
 
 VARIANTS = {"amp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass"), ("auto", "sequential")],
-            "wanda_sp": [("uniform", "none"), ("auto", "onepass")],
-            "magnitude": [("uniform", "none"), ("auto", "onepass")]}
+            "wanda_sp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")],
+            "magnitude": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")]}
 
 
 def run(lm, calib, wiki, device, *, ratio, crit, split, refit, mode, damp, seed) -> dict:
@@ -73,6 +73,8 @@ def main() -> None:
     ap.add_argument("--proxy-check", type=float, default=0.3)
     ap.add_argument("--damps", type=float, nargs="*", default=[])
     ap.add_argument("--no-sequential", action="store_true", help="skip the (slow) sequential-refit rows")
+    ap.add_argument("--sequential-all", action="store_true",
+                    help="sequential-refit rows at every ratio (default: the largest ratio only)")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
@@ -89,7 +91,8 @@ def main() -> None:
     for crit in args.criteria if args.ratios else []:
         for ratio in args.ratios:
             for split, refit in VARIANTS[crit]:
-                if refit == "sequential" and (args.no_sequential or ratio != max(args.ratios)):
+                if refit == "sequential" and (args.no_sequential or (ratio != max(args.ratios)
+                                                                    and not args.sequential_all)):
                     continue  # three block passes per candidate: measured at the largest ratio only
                 rows.append(run(lm, calib, wiki, device, ratio=ratio, crit=crit, split=split, refit=refit, **kw))
     proxy = []

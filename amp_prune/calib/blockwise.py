@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch
+from amp_prune.io.offload import materialized
 
 
 # what the model hands a block for its KV cache; the block runner has none, so it passes none of them
@@ -39,17 +40,22 @@ class BlockInputs:
 
 @contextlib.contextmanager
 def on_device(module: nn.Module, device: torch.device) -> Iterator[nn.Module]:
-    """Temporarily move ``module`` (parameters and buffers) to ``device``, then move it back."""
-    tensors = [*module.parameters(), *module.buffers()]
-    if not tensors or tensors[0].device == device:
-        yield module
-        return
-    home = tensors[0].device
-    module.to(device)
-    try:
-        yield module
-    finally:
-        module.to(home)
+    """Temporarily move ``module`` (parameters and buffers) to ``device``, then move it back.
+
+    Weights offloaded to disk (``--offload disk``) are loaded onto ``device`` once for the
+    duration, and dropped again on exit (:func:`amp_prune.io.offload.materialized`).
+    """
+    with materialized(module, device):
+        tensors = [t for t in (*module.parameters(), *module.buffers()) if t.device.type != "meta"]
+        if not tensors or tensors[0].device == device:
+            yield module
+            return
+        home = tensors[0].device
+        module.to(device)
+        try:
+            yield module
+        finally:
+            module.to(home)
 
 
 def _outside_blocks(model: nn.Module, spec: ArchSpec) -> list[nn.Module]:

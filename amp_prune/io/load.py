@@ -126,9 +126,11 @@ def demo_model_dir() -> Path:
 
 
 def load_model(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               trust_remote_code: bool = False) -> LoadedModel:
+               trust_remote_code: bool = False, offload_folder: str | None = None) -> LoadedModel:
     """Load MODEL (alias, dir, ``.gguf`` or hub id) on ``device`` in ``dtype``.
 
+    With ``offload_folder`` the decoder blocks stay on disk behind accelerate hooks (see
+    :mod:`amp_prune.io.offload`); only what is not a block is loaded onto ``device``.
     Raises :class:`AmpPruneError` with a one-line message for a missing path, an
     unreachable hub id, or an unsupported architecture (checked before weights load).
     """
@@ -149,6 +151,9 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
     if path is not None and path.is_file():
         if path.suffix != ".gguf":
             raise AmpPruneError(f"{path} is a file but not a .gguf; pass a HF model directory or a .gguf file")
+        if offload_folder is not None:
+            raise AmpPruneError(f"--offload disk reads the blocks from a Hugging Face checkpoint and {path.name} is a "
+                                "GGUF file: use --offload cpu, or pass an HF model directory")
         model, tok = _load_gguf(path, dt)
         spec = get_spec(getattr(model.config, "model_type", "unknown"))
     else:
@@ -164,12 +169,18 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
                     f"pass a local model directory, a .gguf file, or '{DEMO_ALIAS}'") from None
             raise AmpPruneError(f"cannot read the config of {ref}: {str(e).splitlines()[0]}") from None
         spec = get_spec(getattr(config, "model_type", "unknown"))
+        placement = {}
+        if offload_folder is not None:
+            from amp_prune.io.offload import disk_device_map
+            placement = {"device_map": disk_device_map(config, spec, dev), "offload_folder": offload_folder}
         try:
-            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code)
+            model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code,
+                                                         **placement)
             tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         except OSError as e:
             raise AmpPruneError(f"cannot load model or tokenizer from {ref}: {str(e).splitlines()[0]}") from None
-    model = model.to(device=dev, dtype=dt)
+    if offload_folder is None:
+        model = model.to(device=dev, dtype=dt)
     model.eval()
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token

@@ -12,6 +12,7 @@ from torch import nn
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import MaskRef, capture_inputs, run_blocks
 from amp_prune.calib.data import Batch
+from amp_prune.io.offload import materialized
 
 
 @dataclass
@@ -60,4 +61,8 @@ def score_blockwise(model: nn.Module, spec: ArchSpec, batches: list[Batch], scor
     """Run every batch through the model block by block with ``scorer``'s hooks; one :class:`LayerScores` per block."""
     inputs = capture_inputs(model, spec, batches, ctx.device, progress=ctx.progress)
     run_blocks(model, spec, inputs, ctx.device, layer_context=scorer.hooks, progress=ctx.progress, desc=desc)
-    return [scorer.finish(i, layer) for i, layer in enumerate(spec.get_layers(model))]
+    out = []
+    for i, layer in enumerate(spec.get_layers(model)):
+        with materialized(layer, ctx.device):  # a scorer may read the weights (a no-op unless --offload disk)
+            out.append(scorer.finish(i, layer))
+    return out

@@ -1,0 +1,87 @@
+"""--offload disk: blocks read from the checkpoint's files one at a time give the in-memory run's plan and model."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from transformers import AutoModelForCausalLM
+
+from amp_prune import PruneConfig, prune
+from amp_prune.arch import get_spec
+from amp_prune.errors import AmpPruneError
+from amp_prune.io.load import load_model
+from amp_prune.io.offload import is_offloaded, materialized
+
+SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False, device="cpu")
+IDS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
+
+
+def _plan(path) -> dict:
+    plan = json.loads((path / "pruning_plan.json").read_text())
+    return {k: v for k, v in plan.items() if k not in ("created", "timings")}
+
+
+def test_disk_offload_keeps_the_blocks_off_memory_and_gives_the_same_logits(tiny_dir, tmp_path):
+    src = tiny_dir()
+    dense = load_model(str(src), device="cpu")
+    off = load_model(str(src), device="cpu", offload_folder=str(tmp_path / "spill"))
+    layers = get_spec(off.model.config.model_type).get_layers(off.model)
+    assert is_offloaded(off.model)
+    assert all(p.device.type == "meta" for p in layers.parameters())
+    with torch.no_grad():
+        torch.testing.assert_close(off.model(IDS).logits, dense.model(IDS).logits, rtol=0, atol=0)
+        with materialized(layers[0]):  # loaded once, for reads and forwards alike
+            q = get_spec(off.model.config.model_type).attention(layers[0]).q_proj.weight
+            assert q.device.type == "cpu" and torch.equal(q, dense.model.model.layers[0].self_attn.q_proj.weight)
+    assert all(p.device.type == "meta" for p in layers.parameters())  # and dropped again
+
+
+@pytest.mark.parametrize("case", [
+    dict(method="width", criterion="amp"),  # refit onepass, auto split: the defaults
+    dict(method="width", criterion="wanda_sp", refit="sequential"),
+    dict(method="width", criterion="magnitude", gqa_mode="heads", attn_units="1"),
+    dict(method="cka", layers=1),  # with the stand-in (default)
+])
+def test_a_disk_offloaded_run_gives_the_plan_and_the_model_of_the_in_memory_run(tiny_dir, tmp_path, case):
+    src = tiny_dir()
+    runs = {}
+    for offload in ("none", "disk"):
+        out = tmp_path / offload
+        res = prune(PruneConfig.from_flat(model=str(src), out=str(out), ratio=0.3, offload=offload, **{**SMALL, **case}))
+        assert not is_offloaded(res.model) and not hasattr(res.model, "hf_device_map")
+        assert all(p.device.type == "cpu" for p in res.model.parameters())
+        runs[offload] = (out, res)
+    (mem, r_mem), (disk, r_disk) = runs["none"], runs["disk"]
+    assert _plan(disk) == _plan(mem)
+    assert r_disk.summary["ppl_before"] == r_mem.summary["ppl_before"]
+    assert r_disk.summary["ppl_after"] == r_mem.summary["ppl_after"]
+    with torch.no_grad():
+        a = AutoModelForCausalLM.from_pretrained(mem)(IDS).logits
+        b = AutoModelForCausalLM.from_pretrained(disk)(IDS).logits
+    torch.testing.assert_close(b, a, rtol=0, atol=0)
+    assert not list((tmp_path).glob("**/amp-prune-offload-*"))
+
+
+def test_disk_offload_refuses_a_gguf_and_hybrid(tmp_path):
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"GGUF")
+    with pytest.raises(AmpPruneError, match="--offload disk reads the blocks from a Hugging Face checkpoint"):
+        load_model(str(gguf), device="cpu", offload_folder=str(tmp_path))
+    with pytest.raises(AmpPruneError, match="--offload disk supports --method width and cka"):
+        PruneConfig.from_flat(model="x", method="hybrid", offload="disk").validate()
+    with pytest.raises(AmpPruneError, match="unknown --offload 'gpu'"):
+        PruneConfig.from_flat(model="x", offload="gpu").validate()
+    assert PruneConfig.from_flat(model="x", offload=True).validate().runtime.offload == "cpu"  # an old run.json
+
+
+@pytest.mark.parametrize("flag, recorded", [(["--offload"], "cpu"), (["--offload", "disk"], "disk")])
+def test_the_offload_flag_alone_means_cpu_and_disk_runs_on_another_family(tiny_dir, tmp_path, flag, recorded):
+    from amp_prune.cli import main
+    src, out = tiny_dir("qwen2"), tmp_path / "o"
+    assert main([str(src), "--ratio", "0.3", "--out", str(out), "--num-samples", "4", "--seq-len", "32",
+                 "--eval-samples", "2", "--batch-size", "2", "--no-progress", *flag]) == 0
+    run = json.loads((out / "run.json").read_text())
+    assert run["config"]["offload"] == recorded
+    assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
