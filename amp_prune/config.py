@@ -210,12 +210,20 @@ class RuntimeConfig:
     offload: str = opt("none", "none; cpu (or --offload alone): keep the model in CPU memory and move one block at a "
                        "time to --device; disk: keep the blocks in the checkpoint's files and read one at a time "
                        "(accelerate's disk offload; for models larger than memory)", choices=OFFLOADS, const="cpu")
+    max_memory: str | None = opt(None, "with --offload disk: what accelerate may fill before it leaves blocks on disk, "
+                                       "e.g. cpu=20GiB or 0=70GiB,cpu=100GiB (default: every block on disk)",
+                                 metavar="DEV=SIZE,...")
     progress: bool = opt(True, "hide progress bars", flag="--no-progress")
 
     def validate(self) -> None:
         if isinstance(self.offload, bool):  # configs written before --offload took a value
             self.offload = "cpu" if self.offload else "none"
         _choice(self.offload, OFFLOADS, "--offload")
+        if self.max_memory is not None:
+            if self.offload != "disk":
+                raise AmpPruneError("--max-memory applies to --offload disk; add --offload disk")
+            from amp_prune.io.offload import parse_max_memory
+            parse_max_memory(self.max_memory)
 
 
 SECTIONS = {"calib": CalibConfig, "width": WidthConfig, "depth": DepthConfig, "eval": EvalConfig,

@@ -304,7 +304,8 @@ def _prune(config: PruneConfig, save: bool, keep_dense: bool, t0: float, out: st
            device: torch.device, dtype: torch.dtype, spill: tempfile.TemporaryDirectory | None) -> PruneResult:
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = load_placed(config.model, device, dtype, config.runtime.offload, spill.name if spill else None)
+    loaded = load_placed(config.model, device, dtype, config.runtime.offload, spill.name if spill else None,
+                         config.runtime.max_memory)
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     job = check_model(config, loaded, inputs, device)

@@ -126,11 +126,13 @@ def demo_model_dir() -> Path:
 
 
 def load_model(source: str, *, device: str | torch.device | None = None, dtype: str | torch.dtype | None = None,
-               trust_remote_code: bool = False, offload_folder: str | None = None) -> LoadedModel:
+               trust_remote_code: bool = False, offload_folder: str | None = None,
+               max_memory: dict | None = None) -> LoadedModel:
     """Load MODEL (alias, dir, ``.gguf`` or hub id) on ``device`` in ``dtype``.
 
     With ``offload_folder`` the decoder blocks stay on disk behind accelerate hooks (see
-    :mod:`amp_prune.io.offload`); only what is not a block is loaded onto ``device``.
+    :mod:`amp_prune.io.offload`); only what is not a block is loaded onto ``device`` (with
+    ``max_memory``, accelerate's device map keeps the blocks that fit it in memory).
     Raises :class:`AmpPruneError` with a one-line message for a missing path, an
     unreachable hub id, or an unsupported architecture (checked before weights load).
     """
@@ -172,7 +174,8 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
         placement = {}
         if offload_folder is not None:
             from amp_prune.io.offload import disk_device_map
-            placement = {"device_map": disk_device_map(config, spec, dev), "offload_folder": offload_folder}
+            placement = {"device_map": disk_device_map(config, spec, dev, dt, max_memory),
+                         "offload_folder": offload_folder}
         try:
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code,
                                                          **placement)

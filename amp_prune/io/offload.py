@@ -24,23 +24,49 @@ from collections.abc import Iterator
 import torch
 from accelerate import init_empty_weights
 from accelerate.hooks import remove_hook_from_module
-from accelerate.utils import has_offloaded_params, set_module_tensor_to_device
+from accelerate.utils import (convert_file_size_to_int, has_offloaded_params, infer_auto_device_map,
+                              set_module_tensor_to_device)
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from amp_prune.arch import ArchSpec
+from amp_prune.errors import AmpPruneError
 
 log = logging.getLogger(__name__)
 
 
-def disk_device_map(config, spec: ArchSpec, device: torch.device) -> dict[str, str | int]:
-    """``{module name: device}`` with every decoder block on ``"disk"`` and the rest on ``device``.
+def parse_max_memory(text: str) -> dict[str | int, int]:
+    """``"0=70GiB,cpu=100GiB"`` -> ``{0: 75161927680, "cpu": 107374182400}`` (accelerate's ``max_memory``; a bare
+    number is bytes)."""
+    out: dict[str | int, int] = {}
+    for part in text.split(","):
+        key, sep, size = part.strip().partition("=")
+        key = key.strip()
+        try:
+            if not sep or not (key == "cpu" or key.isdigit()):
+                raise ValueError
+            size = size.strip()
+            out[int(key) if key.isdigit() else key] = int(size) if size.isdigit() else convert_file_size_to_int(size)
+        except ValueError:
+            raise AmpPruneError(f"--max-memory '{text}': write DEVICE=SIZE pairs separated by commas, DEVICE a GPU "
+                                "index or cpu, e.g. cpu=20GiB or 0=70GiB,cpu=100GiB") from None
+    return out
 
-    Built from a weightless (meta) instance of ``config``, so every module that owns a parameter
-    or a buffer is covered, tied ones included.
+
+def disk_device_map(config, spec: ArchSpec, device: torch.device, dtype: torch.dtype | None = None,
+                    max_memory: dict[str | int, int] | None = None) -> dict[str, str | int]:
+    """``{module name: device}``: every decoder block on ``"disk"`` and the rest on ``device``.
+
+    With ``max_memory``, accelerate's ``infer_auto_device_map`` fills the listed devices in order
+    (GPUs, then CPU) with whole blocks and sends what does not fit to ``"disk"``. Built from a
+    weightless (meta) instance of ``config``, so every module that owns a parameter or a buffer is
+    covered, tied ones included.
     """
     with init_empty_weights(include_buffers=True):
         empty = AutoModelForCausalLM.from_config(config)
+    if max_memory is not None:
+        return infer_auto_device_map(empty, max_memory=max_memory, dtype=dtype,
+                                     no_split_module_classes=list(empty._no_split_modules or []))
     here: str | int = device.index if device.type == "cuda" and device.index is not None else (
         0 if device.type == "cuda" else "cpu")
     prefix = spec.layers + "."
@@ -120,11 +146,12 @@ def _fits_gpu(model: nn.Module, device: torch.device) -> bool:
 
 
 def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: str,
-                offload_folder: str | None = None):
+                offload_folder: str | None = None, max_memory: str | None = None):
     """Load MODEL for pruning on ``device``, placed as ``offload`` asks (``none``, ``cpu`` or ``disk``).
 
     - ``disk``: the blocks stay in the checkpoint's files (``offload_folder`` takes what is not
-      safetensors) and what is not a block goes onto ``device``;
+      safetensors) and what is not a block goes onto ``device``; with ``max_memory``
+      (:func:`parse_max_memory`) accelerate keeps as many blocks in memory as it allows;
     - ``cpu``: the model stays in CPU memory and each block visits ``device`` while it runs;
     - ``none``: on a GPU, the model moves there if it fits in 80% of free memory, else as ``cpu``.
     """
@@ -133,7 +160,8 @@ def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: 
     if offload == "disk":
         if offload_folder is None:
             raise ValueError("--offload disk needs an offload folder")
-        return load_model(source, device=device, dtype=dtype, offload_folder=offload_folder)
+        return load_model(source, device=device, dtype=dtype, offload_folder=offload_folder,
+                          max_memory=parse_max_memory(max_memory) if max_memory else None)
     loaded = load_model(source, device=torch.device("cpu") if device.type == "cuda" else device, dtype=dtype)
     if device.type == "cuda" and offload == "none" and _fits_gpu(loaded.model, device):
         loaded.model.to(device)

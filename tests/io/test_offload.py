@@ -85,3 +85,33 @@ def test_the_offload_flag_alone_means_cpu_and_disk_runs_on_another_family(tiny_d
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["offload"] == recorded
     assert run["export_check"]["max_abs_diff"] <= run["export_check"]["tolerance"]
+
+
+def test_max_memory_keeps_the_blocks_that_fit_and_leaves_the_rest_on_disk(tiny_dir, tmp_path):
+    src = tiny_dir()
+    dense = load_model(str(src), device="cpu")
+    spec = get_spec(dense.model.config.model_type)
+    block = sum(p.numel() * p.element_size() for p in spec.get_layers(dense.model)[0].parameters())
+    outside = sum(p.numel() * p.element_size() for p in dense.model.parameters()) - 3 * block
+    budget = {"cpu": outside + int(2.5 * block)}  # the rest, one block, and the block accelerate holds back
+    off = load_model(str(src), device="cpu", offload_folder=str(tmp_path / "spill"), max_memory=budget)
+    on_disk = [all(p.device.type == "meta" for p in layer.parameters()) for layer in spec.get_layers(off.model)]
+    assert 0 < sum(on_disk) < len(on_disk), on_disk
+    with torch.no_grad():
+        torch.testing.assert_close(off.model(IDS).logits, dense.model(IDS).logits, rtol=0, atol=0)
+    runs = {}
+    for name, extra in [("mem", {}), ("mixed", dict(offload="disk", max_memory=f"cpu={budget['cpu']}"))]:
+        runs[name] = prune(PruneConfig.from_flat(model=str(src), out=str(tmp_path / name), ratio=0.3,
+                                                 **{**SMALL, **extra}))
+    assert _plan(tmp_path / "mixed") == _plan(tmp_path / "mem")
+    assert runs["mixed"].summary["ppl_after"] == runs["mem"].summary["ppl_after"]
+
+
+@pytest.mark.parametrize("extra, match", [
+    (dict(max_memory="cpu=1GiB"), "--max-memory applies to --offload disk"),
+    (dict(offload="disk", max_memory="ram=1GiB"), "--max-memory 'ram=1GiB': write DEVICE=SIZE pairs"),
+    (dict(offload="disk", max_memory="cpu=lots"), "write DEVICE=SIZE pairs"),
+])
+def test_a_bad_max_memory_gets_one_line(extra, match):
+    with pytest.raises(AmpPruneError, match=match):
+        PruneConfig.from_flat(model="x", **extra).validate()
