@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -292,20 +291,10 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     inputs = check_inputs(config)
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
-    spill = tempfile.TemporaryDirectory(prefix="amp-prune-offload-") if config.runtime.offload == "disk" else None
-    try:
-        return _prune(config, save, keep_dense, t0, out, inputs, device, dtype, spill)
-    finally:
-        if spill is not None:
-            spill.cleanup()
 
-
-def _prune(config: PruneConfig, save: bool, keep_dense: bool, t0: float, out: str, inputs: Inputs,
-           device: torch.device, dtype: torch.dtype, spill: tempfile.TemporaryDirectory | None) -> PruneResult:
     timings: dict[str, float] = {}
     t = time.perf_counter()
-    loaded = load_placed(config.model, device, dtype, config.runtime.offload, spill.name if spill else None,
-                         config.runtime.max_memory)
+    loaded = load_placed(config.model, device, dtype, config.runtime.offload, config.runtime.max_memory)
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     job = check_model(config, loaded, inputs, device)
@@ -340,9 +329,10 @@ def _prune(config: PruneConfig, save: bool, keep_dense: bool, t0: float, out: st
                 refit_batches, _ = calibrate(config, loaded.tokenizer, recorded)
         plan.weights = compute_weights(model, spec, plan, refit_batches, device, progress=config.runtime.progress)
         timings["refit_s"] = time.perf_counter() - t
-    if keep_dense and spill is not None:
+    on_disk = config.runtime.offload == "disk"
+    if keep_dense and on_disk:
         job.notes.append("--offload disk keeps no dense copy in memory: the distillation teacher is loaded again")
-    dense_copy = copy.deepcopy(model) if keep_dense and spill is None else None
+    dense_copy = copy.deepcopy(model) if keep_dense and not on_disk else None
     t = time.perf_counter()
     apply_plan(model, plan, spec)
     timings["surgery_s"] = time.perf_counter() - t

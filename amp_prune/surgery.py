@@ -15,7 +15,7 @@ from torch import nn
 
 from amp_prune.arch import ArchSpec, get_spec
 from amp_prune.errors import AmpPruneError
-from amp_prune.io.offload import detach, is_offloaded, release
+from amp_prune.io.offload import detach, device_map_after_surgery, is_offloaded, keep_on_disk, offload_home
 from amp_prune.plan import LayerPlan, PrunePlan, kept
 
 
@@ -109,8 +109,8 @@ def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None,
     needs its weights (``weights``, else ``plan.weights``): they are computed from calibration
     data, which ``prune(... plan=FILE)`` and ``amp-prune MODEL --plan FILE`` do.
 
-    A model whose blocks are kept on disk (``--offload disk``) is read one kept block at a time;
-    the result is a plain model in CPU memory, without accelerate hooks.
+    A model whose blocks are kept on disk (``--offload disk``) stays so: each block that changes is
+    read once, shrunk and written back (:mod:`amp_prune.io.offload`), one block in memory at a time.
     """
     spec = spec or get_spec(model.config.model_type)
     d = spec.dims(model.config)
@@ -124,13 +124,16 @@ def apply_plan(model: nn.Module, plan: PrunePlan, spec: ArchSpec | None = None,
     offloaded = is_offloaded(model)
     for lp in plan.layers:
         w = (weights or {}).get(lp.layer)
-        if offloaded and lp.layer not in dropped:
-            detach(layers[lp.layer])  # --offload disk: this block is read once, pruned, and kept in CPU memory
         if lp.layer not in dropped and (lp.heads or lp.kv_heads or lp.channels or w):
+            home = offload_home(layers[lp.layer])
+            if home is not None:  # --offload disk: read this block once, shrink it, write it back to disk
+                detach(layers[lp.layer])
             prune_block(layers[lp.layer], spec, lp, d, w)
+            if home is not None:
+                keep_on_disk(model, layers[lp.layer], home)
     spec.set_width(model.config, n_q, n_kv, d["head_dim"], inter)
     if dropped:
         remove_blocks(model, spec, sorted(dropped))
     if offloaded:
-        release(model)
+        model.hf_device_map = device_map_after_surgery(model, spec)
     return model

@@ -11,7 +11,9 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import tempfile
 import uuid
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,8 +27,11 @@ from amp_prune.calib.data import Batch
 from amp_prune.errors import AmpPruneError
 from amp_prune.eval.perplexity import max_logit_diff
 from amp_prune.io.files import write_json
+from amp_prune.io.offload import is_offloaded
 
 log = logging.getLogger(__name__)
+
+OFFLOADED_SHARD = "1GB"  # with --offload disk, the most host memory one shard of the export holds
 
 
 @dataclass
@@ -84,6 +89,33 @@ def _fix_permissions(root: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
+def _export_offloaded(model: PreTrainedModel, tokenizer, tmp: Path, spec: ArchSpec, check_batches: list[Batch],
+                      device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
+    """Save a model whose blocks are on disk, reading them back one shard of ``OFFLOADED_SHARD`` at a time,
+    and compare its logits with a reload that is disk-offloaded too; returns ``(max |diff|, class name)``."""
+    from amp_prune.io.load import load_model
+
+    mcfg = native_config(model.config)
+    config = model.config
+    try:  # a Mistral export differs in its config only (the tensors are named alike), so it is saved with that one
+        model.config = mcfg if mcfg is not None else config
+        with warnings.catch_warnings():  # transformers warns that a shard is loaded whole: the shard size bounds it
+            warnings.filterwarnings("ignore", message="Attempting to save a model with offloaded modules")
+            model.save_pretrained(tmp, max_shard_size=OFFLOADED_SHARD)
+    finally:
+        model.config = config
+    if mcfg is not None:  # save_pretrained names the class it saved from: name the one that reloads it
+        mcfg.architectures = ["MistralForCausalLM"]
+        mcfg.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    with tempfile.TemporaryDirectory(prefix="amp-prune-offload-") as spill:
+        reloaded = load_model(str(tmp), device=device, dtype=dtype, offload_folder=spill)
+        diff = max_logit_diff(model, spec, reloaded.model, reloaded.spec, check_batches, device)
+        name = type(reloaded.model).__name__
+        del reloaded
+    return diff, name
+
+
 def _tolerance(dtype: torch.dtype) -> float:
     return 1e-4 if dtype == torch.float32 else 5e-2
 
@@ -101,19 +133,22 @@ def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches:
     """
     out = check_out_dir(out, overwrite=overwrite, input_path=input_path)
     spec = spec or get_spec(model.config.model_type)
-    native = to_native(model)
     dtype = next(model.parameters()).dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
-        native.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-        home = next(native.parameters()).device
-        reloaded.to(home)
-        diff = max_logit_diff(model, spec, reloaded, get_spec(reloaded.config.model_type), check_batches, device)
-        del reloaded
-        check = ExportCheck(max_abs_diff=diff, tolerance=_tolerance(dtype), exported_class=type(native).__name__)
+        if is_offloaded(model):
+            diff, exported = _export_offloaded(model, tokenizer, tmp, spec, check_batches, device, dtype)
+        else:
+            native = to_native(model)
+            native.save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+            reloaded.to(next(native.parameters()).device)
+            diff = max_logit_diff(model, spec, reloaded, get_spec(reloaded.config.model_type), check_batches, device)
+            del reloaded
+            exported = type(native).__name__
+        check = ExportCheck(max_abs_diff=diff, tolerance=_tolerance(dtype), exported_class=exported)
         if not check.ok:
             raise AmpPruneError(f"reloaded checkpoint differs from the in-memory model (max |diff| {diff:.3g} > "
                                 f"{check.tolerance}); nothing was written. Please report this as a bug")

@@ -176,12 +176,17 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
             from amp_prune.io.offload import disk_device_map
             placement = {"device_map": disk_device_map(config, spec, dev, dt, max_memory),
                          "offload_folder": offload_folder}
+        quiet = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk" is what was asked for
+        level = quiet.level
         try:
+            quiet.setLevel(logging.ERROR if placement else level)
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code,
                                                          **placement)
             tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
         except OSError as e:
             raise AmpPruneError(f"cannot load model or tokenizer from {ref}: {str(e).splitlines()[0]}") from None
+        finally:
+            quiet.setLevel(level)
     if offload_folder is None:
         model = model.to(device=dev, dtype=dt)
     model.eval()

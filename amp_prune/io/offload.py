@@ -10,19 +10,23 @@ works as it is: every hooked module loads its weights for its own forward and dr
 The block-by-block passes use :func:`materialized` instead: it loads a whole block once, switches
 its hooks' offloading off while every batch runs through it, and sends the weights back to meta
 on exit. So host memory holds one dense block at a time, plus what is not a block. Surgery calls
-:func:`detach` on each kept block before shrinking it (the pruned block then lives in CPU memory,
-as a normal module), and :func:`release` removes the remaining hooks, so the pruned model is a
-plain in-memory model, and exports as one.
+:func:`detach` on each block it changes, shrinks it, and :func:`keep_on_disk` writes the pruned
+block to a spill folder that lives as long as the model (:func:`spill_dir`) and offloads it there
+again; unchanged blocks keep pointing at the checkpoint. The pruned model is therefore offloaded
+too, and ``save_pretrained`` reads its weights back one shard at a time.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import tempfile
+import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import torch
-from accelerate import init_empty_weights
+from accelerate import disk_offload, init_empty_weights
 from accelerate.hooks import remove_hook_from_module
 from accelerate.utils import (convert_file_size_to_int, has_offloaded_params, infer_auto_device_map,
                               set_module_tensor_to_device)
@@ -126,13 +130,38 @@ def detach(module: nn.Module, device: torch.device | str = "cpu") -> None:
     remove_hook_from_module(module, recurse=True)
 
 
-def release(model: nn.Module, device: torch.device | str = "cpu") -> None:
-    """After surgery: detach what is still offloaded, drop every hook and the device map, keep the model on ``device``."""
-    detach(model, device)
-    if hasattr(model, "hf_device_map"):
-        del model.hf_device_map
-    model.to(device)
-    log.info("the pruned model is in %s memory; its blocks are no longer read from disk", device)
+def offload_home(module: nn.Module) -> torch.device | None:
+    """The execution device of ``module``'s offloaded weights, or ``None`` when nothing in it is offloaded."""
+    return next((m._hf_hook.execution_device for m in module.modules() if has_offloaded_params(m)), None)
+
+
+def spill_dir(model: nn.Module) -> Path:
+    """A temporary folder that lives as long as ``model`` (its offloaded weights may point into it)."""
+    if not hasattr(model, "_amp_prune_spill"):
+        model._amp_prune_spill = tempfile.TemporaryDirectory(prefix="amp-prune-offload-")
+    return Path(model._amp_prune_spill.name)
+
+
+def keep_on_disk(model: nn.Module, block: nn.Module, device: torch.device) -> None:
+    """After surgery: write ``block``'s pruned weights to ``model``'s spill folder and offload it there again.
+
+    accelerate's ``disk_offload`` writes the state dict (one memory-mapped file per tensor) and
+    attaches hooks that read it back, so host memory never holds more than the block in hand.
+    """
+    folder = spill_dir(model) / f"pruned-{uuid.uuid4().hex[:8]}"
+    disk_offload(block, str(folder), execution_device=device)
+
+
+def device_map_after_surgery(model: nn.Module, spec: ArchSpec) -> dict[str, str | int]:
+    """``hf_device_map`` of the pruned model: ``"disk"`` for each block still offloaded (``save_pretrained``
+    then reads the weights back one shard at a time), the device of each other block, and the
+    loaded map's entries for what is not a block."""
+    prefix = spec.layers + "."
+    out = {k: v for k, v in getattr(model, "hf_device_map", {}).items()
+           if not k.startswith(prefix) and k != spec.layers}
+    for i, layer in enumerate(spec.get_layers(model)):
+        out[f"{prefix}{i}"] = "disk" if is_offloaded(layer) else str(next(layer.parameters()).device)
+    return out
 
 
 def _fits_gpu(model: nn.Module, device: torch.device) -> bool:
@@ -145,12 +174,11 @@ def _fits_gpu(model: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: str,
-                offload_folder: str | None = None, max_memory: str | None = None):
+def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: str, max_memory: str | None = None):
     """Load MODEL for pruning on ``device``, placed as ``offload`` asks (``none``, ``cpu`` or ``disk``).
 
-    - ``disk``: the blocks stay in the checkpoint's files (``offload_folder`` takes what is not
-      safetensors) and what is not a block goes onto ``device``; with ``max_memory``
+    - ``disk``: the blocks stay in the checkpoint's files (what is not safetensors is written to the
+      model's :func:`spill_dir`) and what is not a block goes onto ``device``; with ``max_memory``
       (:func:`parse_max_memory`) accelerate keeps as many blocks in memory as it allows;
     - ``cpu``: the model stays in CPU memory and each block visits ``device`` while it runs;
     - ``none``: on a GPU, the model moves there if it fits in 80% of free memory, else as ``cpu``.
@@ -158,10 +186,11 @@ def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: 
     from amp_prune.io.load import load_model
 
     if offload == "disk":
-        if offload_folder is None:
-            raise ValueError("--offload disk needs an offload folder")
-        return load_model(source, device=device, dtype=dtype, offload_folder=offload_folder,
-                          max_memory=parse_max_memory(max_memory) if max_memory else None)
+        spill = tempfile.TemporaryDirectory(prefix="amp-prune-offload-")
+        loaded = load_model(source, device=device, dtype=dtype, offload_folder=spill.name,
+                            max_memory=parse_max_memory(max_memory) if max_memory else None)
+        loaded.model._amp_prune_spill = spill  # removed with the model (or at exit), not before
+        return loaded
     loaded = load_model(source, device=torch.device("cpu") if device.type == "cuda" else device, dtype=dtype)
     if device.type == "cuda" and offload == "none" and _fits_gpu(loaded.model, device):
         loaded.model.to(device)
