@@ -36,6 +36,11 @@ VARIANTS = {  # name -> FinetuneConfig overrides
     "kd-lora": dict(loss="kd"),
     "kd-full": dict(loss="kd", full=True),
     "kd+lm-lora": dict(loss="kd+lm"),
+    # the settings the first table left unmeasured: the LM loss with full fine-tuning, higher learning rates, tau 2
+    "lm-full": dict(loss="lm", full=True),
+    "lm-full-lr2e-4": dict(loss="lm", full=True, lr=2e-4),
+    "lm-lora-lr1e-3": dict(loss="lm", lr=1e-3),
+    "kd-lora-t2": dict(loss="kd", temperature=2.0),
 }
 COLUMNS = ["model", "steps", "sequences", "wikitext2 ppl", "5-task avg", "held-out C4 ppl", "KL to dense", "fine-tune s"]
 
@@ -90,13 +95,14 @@ def main() -> None:
                 out = f"{tmp}/{name}-{steps}"
                 t = time.perf_counter()
                 s = finetune(FinetuneConfig(model=pruned.out, data="builtin:c4", out=out, steps=steps,
-                                            batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-                                            temperature=args.temperature, progress=False, device="cpu",
-                                            **VARIANTS[name]))
+                                            batch_size=args.batch_size, seq_len=args.seq_len, progress=False,
+                                            device="cpu", **{"lr": args.lr, "temperature": args.temperature,
+                                                             **VARIANTS[name]}))
                 ft_s = time.perf_counter() - t
                 ppl, avg = measure(out, args)
                 kl = f"{s['kl_before']:.3f} -> {s['kl_after']:.3f}" if s.get("kl_before") is not None else ""
-                add({"model": f"{name} (lr {s['lr']:g})", "steps": steps,
+                tau = VARIANTS[name].get("temperature", args.temperature)
+                add({"model": f"{name} (lr {s['lr']:g}{f', tau {tau:g}' if 'kd' in name else ''})", "steps": steps,
                      "sequences": steps * args.batch_size, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
                      "held-out C4 ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}", "KL to dense": kl,
                      "fine-tune s": ft_s})
