@@ -21,6 +21,7 @@ from torch import nn
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch
 from amp_prune.depth.standin import fit_standins
+from amp_prune.io.offload import materialized
 from amp_prune.plan import PrunePlan
 from amp_prune.width.sweep import Candidate, kept_columns, sweep
 

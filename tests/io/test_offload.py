@@ -43,10 +43,11 @@ def test_disk_offload_keeps_the_blocks_off_memory_and_gives_the_same_logits(tiny
     dict(method="width", criterion="amp", eval_tasks="piqa", eval_limit=8, data_dir=str(SHARED_DATA)),  # defaults
     dict(method="width", criterion="wanda_sp", refit="sequential"),
     dict(method="width", criterion="magnitude", gqa_mode="heads", attn_units="1"),
-    dict(method="cka", layers=1),  # with the stand-in (default)
+    dict(method="cka", layers=1, standin_damp="0.01", family="qwen2"),  # drops block 1: its stand-in is folded in
 ])
 def test_a_disk_offloaded_run_gives_the_plan_and_the_model_of_the_in_memory_run(tiny_dir, tmp_path, case):
-    src = tiny_dir()
+    case = dict(case)
+    src = tiny_dir(case.pop("family", "llama_gqa"))
     runs = {}
     for offload in ("none", "disk"):
         out = tmp_path / offload
@@ -58,6 +59,8 @@ def test_a_disk_offloaded_run_gives_the_plan_and_the_model_of_the_in_memory_run(
     assert r_disk.summary["ppl_before"] == r_mem.summary["ppl_before"]
     assert r_disk.summary["ppl_after"] == r_mem.summary["ppl_after"]
     assert r_disk.summary.get("eval") == r_mem.summary.get("eval")  # lm-eval through accelerate's own hooks
+    if case["method"] == "cka":
+        assert r_disk.plan.standin_fit and all(f.get("damp") is not None for f in r_disk.plan.standin_fit)
     with torch.no_grad():
         a = AutoModelForCausalLM.from_pretrained(mem)(IDS).logits
         b = AutoModelForCausalLM.from_pretrained(disk)(IDS).logits
