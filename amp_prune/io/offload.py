@@ -19,6 +19,7 @@ too, and ``save_pretrained`` reads its weights back one shard at a time.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import logging
 import tempfile
 import uuid
@@ -164,6 +165,29 @@ def device_map_after_surgery(model: nn.Module, spec: ArchSpec) -> dict[str, str 
     return out
 
 
+MMAP_THRESHOLD = 128 << 10  # bytes; glibc's own starting value, kept fixed
+
+
+def fix_mmap_threshold(nbytes: int = MMAP_THRESHOLD) -> bool:
+    """Pin glibc's ``M_MMAP_THRESHOLD`` (``mallopt``); ``False`` where the C library is not glibc.
+
+    By default glibc raises the threshold each time a large chunk is freed (up to 32 MiB), so
+    after the first freed block weight, block weights and activations are carved from the heap,
+    which fragments and keeps the peak. With blocks read from disk and dropped after each pass,
+    that cost 2.3 GB of peak RSS on SmolLM2 at 64 x 512 calibration, against 0.84 GB with the
+    threshold pinned (``benchmarks/offload.py``; docs/benchmarks.md). Process-wide, so only
+    ``--offload disk`` asks for it; ``MALLOC_MMAP_THRESHOLD_=131072`` does the same for any run.
+    """
+    try:
+        libc = ctypes.CDLL("libc.so.6")
+        ok = libc.mallopt(-3, nbytes) == 1  # -3 = M_MMAP_THRESHOLD in glibc's malloc.h
+    except (OSError, AttributeError):
+        return False
+    if ok:
+        log.info("glibc mmap threshold fixed at %d bytes (freed blocks go back to the OS)", nbytes)
+    return ok
+
+
 def _fits_gpu(model: nn.Module, device: torch.device) -> bool:
     need = sum(p.numel() * p.element_size() for p in model.parameters())
     free, _ = torch.cuda.mem_get_info(device)
@@ -186,6 +210,7 @@ def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: 
     from amp_prune.io.load import load_model
 
     if offload == "disk":
+        fix_mmap_threshold()
         spill = tempfile.TemporaryDirectory(prefix="amp-prune-offload-")
         loaded = load_model(source, device=device, dtype=dtype, offload_folder=spill.name,
                             max_memory=parse_max_memory(max_memory) if max_memory else None)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import platform
 
 import pytest
 import torch
@@ -13,7 +14,7 @@ from amp_prune import PruneConfig, prune
 from amp_prune.arch import get_spec
 from amp_prune.errors import AmpPruneError
 from amp_prune.io.load import load_model
-from amp_prune.io.offload import is_offloaded, materialized
+from amp_prune.io.offload import fix_mmap_threshold, is_offloaded, materialized
 
 SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False, device="cpu")
 IDS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))
@@ -122,3 +123,8 @@ def test_max_memory_keeps_the_blocks_that_fit_and_leaves_the_rest_on_disk(tiny_d
 def test_a_bad_max_memory_gets_one_line(extra, match):
     with pytest.raises(AmpPruneError, match=match):
         PruneConfig.from_flat(model="x", **extra).validate()
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_disk_offload_can_pin_the_glibc_mmap_threshold():
+    assert fix_mmap_threshold()
