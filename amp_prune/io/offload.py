@@ -25,6 +25,7 @@ import tempfile
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 from accelerate import disk_offload, init_empty_weights
@@ -36,6 +37,9 @@ from transformers import AutoModelForCausalLM
 
 from amp_prune.arch import ArchSpec
 from amp_prune.errors import AmpPruneError
+
+if TYPE_CHECKING:
+    from amp_prune.io.load import LoadedModel
 
 log = logging.getLogger(__name__)
 
@@ -198,7 +202,8 @@ def _fits_gpu(model: nn.Module, device: torch.device) -> bool:
     return True
 
 
-def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: str, max_memory: str | None = None):
+def load_placed(source: str, device: torch.device, dtype: torch.dtype, offload: str,
+                max_memory: str | None = None) -> LoadedModel:
     """Load MODEL for pruning on ``device``, placed as ``offload`` asks (``none``, ``cpu`` or ``disk``).
 
     - ``disk``: the blocks stay in the checkpoint's files (what is not safetensors is written to the
