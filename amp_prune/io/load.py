@@ -178,8 +178,9 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
                          "offload_folder": offload_folder}
         quiet = logging.getLogger("accelerate.big_modeling")  # "offloaded to the disk" is what was asked for
         level = quiet.level
+        if placement:
+            quiet.setLevel(logging.ERROR)
         try:
-            quiet.setLevel(logging.ERROR if placement else level)
             model = AutoModelForCausalLM.from_pretrained(ref, dtype=dt, trust_remote_code=trust_remote_code,
                                                          **placement)
             tok = AutoTokenizer.from_pretrained(ref, trust_remote_code=trust_remote_code)
