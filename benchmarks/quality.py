@@ -31,6 +31,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, replace_section  # noqa: E402
 
 from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.depth.cache import depth_batches  # noqa: E402
 from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
 from amp_prune.depth.search import plan_depth  # noqa: E402
 from amp_prune.eval.harness import evaluate_model  # noqa: E402
@@ -100,7 +101,8 @@ def main() -> None:
     if ("dense", 0.0) not in done:
         record("dense", 0.0, dense, 0.0)
     width_calib, _ = build_batches(lm.tokenizer, num_samples=args.width_samples, seq_len=args.width_seq_len)
-    depth_calib, _ = build_batches(lm.tokenizer, num_samples=args.depth_samples, seq_len=args.depth_seq_len)
+    # as the CLI: the block search runs on a prefix of the calibration, the refit and stand-in on all of it
+    depth_calib = depth_batches(width_calib, args.depth_samples, args.depth_seq_len)
     for method in args.methods:
         todo = [r for r in args.ratios if (method, r) not in done]
         if not todo:
@@ -122,18 +124,19 @@ def main() -> None:
             for ratio in todo:
                 plan = PrunePlan.blocks_only(dense.config.model_type, lm.spec.dims(dense.config),
                                              order[:blocks[ratio]], criterion=method, target_ratio=ratio,
-                                             standin=args.stand_in, damp=0.01)
+                                             standin=args.stand_in, standin_damp="auto" if args.stand_in else None)
                 if plan.needs_weights:
-                    plan.weights = compute_weights(dense, lm.spec, plan, depth_calib, device, progress=False)
+                    plan.weights = compute_weights(dense, lm.spec, plan, width_calib, device, progress=False)
                 model = apply_plan(copy.deepcopy(dense), plan, lm.spec)
                 record(method, ratio, model, search_s * blocks[ratio] / max(blocks.values()))
         elif method == "hybrid":
             for ratio in todo:
                 t = time.perf_counter()
-                plan = plan_hybrid(dense, lm.spec, depth_calib, ratio, device=device, progress=False,
-                                   attn_units=args.attn_units, refit=args.refit, standin=args.stand_in, damp=0.01)
+                plan = plan_hybrid(dense, lm.spec, width_calib, ratio, device=device, progress=False,
+                                   attn_units=args.attn_units, refit=args.refit, standin=args.stand_in, damp=0.01,
+                                   standin_damp="auto", search_batches=depth_calib)
                 if plan.needs_weights:
-                    plan.weights = compute_weights(dense, lm.spec, plan, depth_calib, device, progress=False)
+                    plan.weights = compute_weights(dense, lm.spec, plan, width_calib, device, progress=False)
                 record("hybrid", ratio, apply_plan(copy.deepcopy(dense), plan, lm.spec), time.perf_counter() - t)
         else:
             raise SystemExit(f"unknown method {method}")
@@ -142,8 +145,9 @@ def main() -> None:
     header = (f"{args.model}; lm-eval zero-shot, first {args.limit} examples of each task (local copies); "
               f"avg5 = mean of acc_norm (PIQA, HellaSwag, ARC-e, ARC-c) and acc (WinoGrande), in percent; "
               f"WikiText-2 perplexity on the first {args.ppl_windows} windows of 2048 tokens; width calibration "
-              f"{args.width_samples} x {args.width_seq_len} tokens, depth/hybrid search {args.depth_samples} x "
-              f"{args.depth_seq_len}; {where}")
+              f"{args.width_samples} x {args.width_seq_len} tokens (also the refit's and the stand-in's), depth/hybrid "
+              f"search on its first {args.depth_samples} x {args.depth_seq_len}; refit {args.refit}, split "
+              f"{args.attn_units}, stand-in {'on (damping auto)' if args.stand_in else 'off'}; {where}")
     print("\n" + header + "\n")
     order = {m: i for i, m in enumerate(["dense", *args.methods])}
     rows.sort(key=lambda r: (order.get(r["method"], 99), r["target"]))
