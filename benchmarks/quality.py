@@ -1,6 +1,6 @@
 """Zero-shot accuracy and WikiText-2 perplexity of SmolLM2 pruned by every method, at several ratios.
 
-    python benchmarks/quality.py                       # ~1 h on 2 CPU cores with the defaults
+    python benchmarks/quality.py                       # ~1 h 45 min on 2 CPU cores with the defaults
     python benchmarks/quality.py --limit 60 --ppl-windows 4 --ratios 0.1 0.2 0.3
 
 Methods: the width criteria (amp, magnitude, random, and the Wanda-sp-style |W|*||X|| baseline),
