@@ -19,7 +19,7 @@ from pathlib import Path
 from amp_prune.errors import AmpPruneError
 
 METHODS = ("width", "cka", "hybrid")
-CRITERIA = ("amp", "magnitude", "random", "wanda_sp")
+CRITERIA = ("amp", "magnitude", "obs", "random", "wanda_sp")
 GQA_MODES = ("group", "heads")
 LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")

@@ -110,7 +110,7 @@ def test_plan_replays_on_fresh_model_via_json(tmp_path):
 def test_scoring_does_not_mutate_model():
     model = tiny_model("llama_gqa")
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    for crit in ("amp", "magnitude", "random"):
+    for crit in ("amp", "magnitude", "obs", "random", "wanda_sp"):
         build_plan(model, criterion=crit)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
