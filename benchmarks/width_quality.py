@@ -39,7 +39,8 @@ from amp_prune.width.planner import plan_width, split_budgets  # noqa: E402
 
 VARIANTS = {"amp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass"), ("auto", "sequential")],
             "wanda_sp": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")],
-            "magnitude": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")]}
+            "magnitude": [("uniform", "none"), ("auto", "none"), ("auto", "onepass")],
+            "obs": [("auto", "none"), ("auto", "onepass"), ("auto", "sequential")]}
 
 
 def run(lm, calib, wiki, device, *, ratio, crit, split, refit, mode, damp, seed) -> dict:
@@ -75,6 +76,10 @@ def main() -> None:
     ap.add_argument("--no-sequential", action="store_true", help="skip the (slow) sequential-refit rows")
     ap.add_argument("--sequential-all", action="store_true",
                     help="sequential-refit rows at every ratio (default: the largest ratio only)")
+    ap.add_argument("--variants", nargs="*", metavar="SPLIT/REFIT",
+                    help="only these variants of each criterion, e.g. auto/onepass auto/sequential")
+    ap.add_argument("--attn-units", default="auto",
+                    help="force this split (KV groups removed per block) in the variants named 'auto'")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json")
@@ -91,6 +96,10 @@ def main() -> None:
     for crit in args.criteria if args.ratios else []:
         for ratio in args.ratios:
             for split, refit in VARIANTS[crit]:
+                if args.variants and f"{split}/{refit}" not in args.variants:
+                    continue
+                if split == "auto" and args.attn_units != "auto":
+                    split = int(args.attn_units)
                 if refit == "sequential" and (args.no_sequential or (ratio != max(args.ratios)
                                                                     and not args.sequential_all)):
                     continue  # three block passes per candidate: measured at the largest ratio only
@@ -111,7 +120,7 @@ def main() -> None:
         damps[-1]["damp"] = damp
     print(f"\n{args.model}: WikiText-2 test, {sum(b.input_ids.shape[0] for b in wiki)} windows of {args.seq_len} "
           f"tokens; calibration {args.num_samples} x {args.calib_seq_len} tokens of the packaged C4 sample, seed "
-          f"{args.seed}; --gqa-mode {args.mode}, damp {args.damp}\n")
+          f"{args.seed}; --gqa-mode {args.mode}, damp {args.damp}, --attn-units {args.attn_units}\n")
     cols = ["criterion", "split", "refit", "target", "achieved", "heads/kv", "channels", "calib loss", "wikitext2 ppl",
             "plan s"]
     print_table(rows, cols)
