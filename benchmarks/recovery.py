@@ -4,10 +4,11 @@
     python benchmarks/recovery.py --steps 100 300 --variants kd-lora kd-full
 
 The model is pruned once with the CLI defaults (AMP, auto split, one-pass refit), and every
-variant starts from that same checkpoint. Training data is the packaged C4 sample (plain text),
-disjoint from the WikiText-2 test text the perplexity is measured on (40 x 256 tokens); its first
-16 chunks are held out for the fine-tune's own before/after figure. Each model also gets the
-5-task zero-shot average (lm-eval on the local copies in shared/data, first --limit examples per
+variant starts from that same checkpoint (``--calib`` is its calibration text, default the CLI's).
+Training data is ``--data``: by default the packaged C4 sample (plain text), disjoint from the
+WikiText-2 test text the perplexity is measured on (40 x 256 tokens); its first 16 chunks are held
+out for the fine-tune's own before/after figure ("held-out ppl"). Each model also gets the 5-task
+zero-shot average (lm-eval on the local copies in shared/data, first --limit examples per
 task, the settings of benchmarks/quality.py). Rows are printed (and saved) as they finish.
 """
 
@@ -42,7 +43,7 @@ VARIANTS = {  # name -> FinetuneConfig overrides
     "lm-lora-lr1e-3": dict(loss="lm", lr=1e-3),
     "kd-lora-t2": dict(loss="kd", temperature=2.0),
 }
-COLUMNS = ["model", "steps", "sequences", "wikitext2 ppl", "5-task avg", "held-out C4 ppl", "KL to dense", "fine-tune s"]
+COLUMNS = ["model", "steps", "sequences", "wikitext2 ppl", "5-task avg", "held-out ppl", "KL to dense", "fine-tune s"]
 
 
 def measure(path: str, args) -> tuple[float, float | None]:
@@ -73,6 +74,9 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="learning rate of every variant (default: the CLI's per mode)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=60, help="examples per task for the 5-task average (0: skip)")
+    ap.add_argument("--calib", default="builtin:c4", help="calibration text of the prune (default: the CLI's)")
+    ap.add_argument("--data", default="builtin:c4",
+                    help="recovery text (anything `amp-prune finetune --data` accepts); never the WikiText-2 test text")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
@@ -85,16 +89,17 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0,
-                                             progress=False))
+                                             calib=args.calib, progress=False))
         prune_s = time.perf_counter() - t
-        for name, (ppl, avg) in (("dense", measure(args.model, args)), (f"pruned {args.ratio}", measure(pruned.out, args))):
+        for name, (ppl, avg) in (("dense", measure(args.model, args)),
+                                 (f"pruned {args.ratio}", measure(pruned.out, args))):
             add({"model": name, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
                  "fine-tune s": f"(prune {prune_s:.0f} s)" if name != "dense" else ""})
         for steps in args.steps:
             for name in args.variants:
                 out = f"{tmp}/{name}-{steps}"
                 t = time.perf_counter()
-                s = finetune(FinetuneConfig(model=pruned.out, data="builtin:c4", out=out, steps=steps,
+                s = finetune(FinetuneConfig(model=pruned.out, data=args.data, out=out, steps=steps,
                                             batch_size=args.batch_size, seq_len=args.seq_len, progress=False,
                                             device="cpu", **{"lr": args.lr, "temperature": args.temperature,
                                                              **VARIANTS[name]}))
@@ -104,10 +109,11 @@ def main() -> None:
                 tau = VARIANTS[name].get("temperature", args.temperature)
                 add({"model": f"{name} (lr {s['lr']:g}{f', tau {tau:g}' if 'kd' in name else ''})", "steps": steps,
                      "sequences": steps * args.batch_size, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
-                     "held-out C4 ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}", "KL to dense": kl,
+                     "held-out ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}", "KL to dense": kl,
                      "fine-tune s": ft_s})
-    print(f"\n{args.model} pruned at {args.ratio} (CLI defaults), CPU {torch.get_num_threads()} threads; "
-          f"batches of {args.batch_size} x {args.seq_len} tokens of the packaged C4 sample, tau={args.temperature}; "
+    print(f"\n{args.model} pruned at {args.ratio} (CLI defaults, calibration {args.calib}), "
+          f"CPU {torch.get_num_threads()} threads; "
+          f"batches of {args.batch_size} x {args.seq_len} tokens of {args.data}, tau={args.temperature}; "
           f"WikiText-2 test {args.windows} x 256 tokens; 5-task average (acc_norm, WinoGrande acc) on the first "
           f"{args.limit} examples per task\n")
     print_table(rows, COLUMNS)
