@@ -26,7 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import SHARED_DATA, print_table, save_json, wikitext_text  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
-from amp_prune.config import FinetuneConfig  # noqa: E402
+from amp_prune.config import DEFAULT_SOURCE, FinetuneConfig  # noqa: E402
 from amp_prune.eval.harness import evaluate_model  # noqa: E402
 from amp_prune.eval.local_tasks import FIVE  # noqa: E402
 from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
@@ -74,8 +74,8 @@ def main() -> None:
     ap.add_argument("--lr", type=float, help="learning rate of every variant (default: the CLI's per mode)")
     ap.add_argument("--windows", type=int, default=40)
     ap.add_argument("--limit", type=int, default=60, help="examples per task for the 5-task average (0: skip)")
-    ap.add_argument("--calib", default="builtin:c4", help="calibration text of the prune (default: the CLI's)")
-    ap.add_argument("--data", default="builtin:c4",
+    ap.add_argument("--calib", default=DEFAULT_SOURCE, help="calibration text of the prune (default: the CLI's)")
+    ap.add_argument("--data", default=DEFAULT_SOURCE,
                     help="recovery text (anything `amp-prune finetune --data` accepts); never the WikiText-2 test text")
     ap.add_argument("--json")
     args = ap.parse_args()
