@@ -28,17 +28,48 @@ import torch
 log = logging.getLogger(__name__)
 
 class Gram:
-    """``G = sum_t x_t x_t^T`` ``[D, D]`` over real tokens, accumulated in fp32 on the input's device."""
+    """``G = sum_t x_t x_t^T`` ``[D, D]`` over real tokens, accumulated in fp32 on the input's device.
+
+    ``G`` is symmetric, so each batch adds only the blocks on and above the block diagonal
+    (``BLOCKS`` column blocks ``b_j``: ``G[:e_j, b_j] += x[:, :e_j]^T x[:, b_j]``), 5/8 of the
+    multiply-adds of ``x^T x``, the refit's main cost (``N * D^2`` per projection). Reading
+    :attr:`g` copies the upper blocks onto the lower ones in place (no temporary ``[D, D]``).
+    """
+
+    BLOCKS = 4  # measured on SmolLM2's down_proj (D = 1536): 4 blocks 0.38-0.44 s, a full addmm 0.65 s
 
     def __init__(self) -> None:
-        self.g: torch.Tensor | None = None
+        self._g: torch.Tensor | None = None
+        self._bounds: list[int] = []
+        self._lower_stale = False
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
         """Add rows ``x`` ``[N, D]`` (real tokens only)."""
-        x = x.float()
-        self.g = x.T @ x if self.g is None else self.g.addmm_(x.T, x)
+        if x.shape[0] == 0:
+            return
+        x = x.detach().float()
+        if self._g is None:
+            d = x.shape[1]
+            self._g = torch.zeros(d, d, dtype=torch.float32, device=x.device)
+            self._bounds = [d * j // self.BLOCKS for j in range(self.BLOCKS + 1)]
+        b = self._bounds
+        for s, e in zip(b[:-1], b[1:]):
+            if e > s:
+                self._g[:e, s:e].addmm_(x[:, :e].T, x[:, s:e])
+        self._lower_stale = True
         self.n += x.shape[0]
+
+    @property
+    def g(self) -> torch.Tensor | None:
+        """The accumulated ``G`` ``[D, D]`` (fp32, symmetric), or None before any rows were added."""
+        if self._lower_stale:
+            b = self._bounds
+            for j in range(self.BLOCKS):
+                for i in range(j + 1, self.BLOCKS):  # block (i, j) below the diagonal blocks = block (j, i)^T
+                    self._g[b[i]:b[i + 1], b[j]:b[j + 1]].copy_(self._g[b[j]:b[j + 1], b[i]:b[i + 1]].T)
+            self._lower_stale = False
+        return self._g
 
 
 def refit_columns(w: torch.Tensor, gram: torch.Tensor | None, keep: torch.Tensor, damp: float) -> torch.Tensor:

@@ -18,7 +18,7 @@ from amp_prune.errors import AmpPruneError
 from amp_prune.plan import LayerPlan, PrunePlan
 from amp_prune.refit import compute_weights
 from amp_prune.surgery import apply_plan
-from amp_prune.width.refit import refit_columns
+from amp_prune.width.refit import Gram, refit_columns
 
 CPU = torch.device("cpu")
 SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False)
@@ -58,6 +58,24 @@ def test_refit_restores_removed_units_that_kept_ones_duplicate():
     mask = b.attention_mask.bool()
     torch.testing.assert_close(logits(model, b)[mask], logits(ref, b)[mask], atol=1e-4, rtol=1e-4)
     assert (logits(no_refit, b)[mask] - logits(ref, b)[mask]).abs().max() > 1e-2  # without refit it is not restored
+
+
+def test_gram_equals_the_plain_sum_of_outer_products():
+    """The blocked upper-triangle accumulation, made symmetric on read, equals ``x.T @ x`` summed over batches,
+    also for a width the blocks do not divide, for batches added after a read, and ignores empty batches."""
+    torch.manual_seed(0)
+    xs = [torch.randn(n, 23, dtype=torch.float64) for n in (7, 0, 5, 11)]
+    g = Gram()
+    assert g.g is None
+    for x in xs[:3]:
+        g.add(x)
+    ref = sum(x.T @ x for x in xs[:3])
+    assert g.n == 12 and g.g.dtype == torch.float32
+    torch.testing.assert_close(g.g.double(), ref, rtol=1e-5, atol=1e-4)
+    assert torch.equal(g.g, g.g.T)
+    g.add(xs[3][:, :].T.contiguous().T)  # a non-contiguous batch, added after a read
+    torch.testing.assert_close(g.g.double(), ref + xs[3].T @ xs[3], rtol=1e-5, atol=1e-4)
+    assert g.n == 23
 
 
 def test_refit_with_nothing_removed_is_the_identity():
