@@ -3,8 +3,9 @@
     python benchmarks/recovery.py --ratio 0.3 --steps 100
     python benchmarks/recovery.py --steps 100 300 --variants kd-lora kd-full
 
-The model is pruned once with the CLI defaults (AMP, auto split, one-pass refit), and every
-variant starts from that same checkpoint (``--calib`` is its calibration text, default the CLI's).
+The model is pruned once with the CLI defaults (AMP, auto split, one-pass refit) or the
+``--prune KEY=VALUE`` settings given, and every variant starts from that same checkpoint
+(``--calib`` is its calibration text, default the CLI's).
 Training data is ``--data``: by default the packaged C4 sample (plain text), disjoint from the
 WikiText-2 test text the perplexity is measured on (40 x 256 tokens); its first 16 chunks are held
 out for the fine-tune's own before/after figure ("held-out ppl"). Each model also gets the 5-task
@@ -58,6 +59,15 @@ def measure(path: str, args) -> tuple[float, float | None]:
     return ppl, res["avg5"]
 
 
+def _number(value: str) -> int | float | str:
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            pass
+    return value
+
+
 def pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}"
 
@@ -77,8 +87,17 @@ def main() -> None:
     ap.add_argument("--calib", default=DEFAULT_SOURCE, help="calibration text of the prune (default: the CLI's)")
     ap.add_argument("--data", default=DEFAULT_SOURCE,
                     help="recovery text (anything `amp-prune finetune --data` accepts); never the WikiText-2 test text")
+    ap.add_argument("--prune", nargs="+", default=[], metavar="KEY=VALUE",
+                    help="PruneConfig fields for the prune instead of the CLI defaults, e.g. criterion=obs "
+                         "refit=sequential num_samples=256 attn_units=0")
     ap.add_argument("--json")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.prune:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--prune takes KEY=VALUE pairs (got {item!r}); e.g. --prune criterion=obs")
+        overrides[key] = value if key == "attn_units" else _number(value)
     rows = []
 
     def add(row: dict) -> None:
@@ -89,7 +108,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         t = time.perf_counter()
         pruned = prune(PruneConfig.from_flat(model=args.model, ratio=args.ratio, out=f"{tmp}/p", eval_samples=0,
-                                             calib=args.calib, progress=False))
+                                             calib=args.calib, progress=False, **overrides))
         prune_s = time.perf_counter() - t
         for name, (ppl, avg) in (("dense", measure(args.model, args)),
                                  (f"pruned {args.ratio}", measure(pruned.out, args))):
@@ -111,7 +130,8 @@ def main() -> None:
                      "sequences": steps * args.batch_size, "wikitext2 ppl": ppl, "5-task avg": pct(avg),
                      "held-out ppl": f"{s['ppl_before']:.1f} -> {s['ppl_after']:.1f}", "KL to dense": kl,
                      "fine-tune s": ft_s})
-    print(f"\n{args.model} pruned at {args.ratio} (CLI defaults, calibration {args.calib}), "
+    how = " ".join(args.prune) or "CLI defaults"
+    print(f"\n{args.model} pruned at {args.ratio} ({how}, calibration {args.calib}), "
           f"CPU {torch.get_num_threads()} threads; "
           f"batches of {args.batch_size} x {args.seq_len} tokens of {args.data}, tau={args.temperature}; "
           f"WikiText-2 test {args.windows} x 256 tokens; 5-task average (acc_norm, WinoGrande acc) on the first "
