@@ -3,7 +3,8 @@
 Per block ``i`` (only block ``i`` on the device, as in :mod:`amp_prune.calib.blockwise`):
 
 1. the dense block runs on the dense stream; the criterion's hooks score its units and, for
-   the one-pass refit, Gram hooks accumulate ``G`` of the ``o_proj`` and ``down_proj`` inputs;
+   the one-pass refit, Gram hooks accumulate ``G`` of the ``o_proj`` and ``down_proj`` inputs
+   (or the scorer hands over its own, for ``obs``, which needs the same ``G``);
 2. every candidate split picks its units of block ``i`` from those scores (the budget is
    uniform, so a block's choice needs only that block's scores);
 3. each candidate's kept ``o_proj`` / ``down_proj`` columns are refit (:mod:`amp_prune.width.refit`);
@@ -150,6 +151,10 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     for c in cands:
         c.stream = [BlockInputs(s.hidden, s.kwargs, s.mask) for s in dense[:n_stream]] if streams else None
     ref = MaskRef()
+    # a scorer that accumulates the same dense o_proj/down_proj Grams (obs) hands them to the one-pass refit
+    shared = refit == "onepass" and hasattr(scorer, "take_grams")
+    if shared:
+        scorer.share_grams = True
     for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False):
         layer = layers[i]
         with on_device(layer, device):
@@ -157,10 +162,12 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
             hooks = contextlib.ExitStack()
             if scorer is not None:
                 hooks.enter_context(scorer.hooks(i, layer, ref))
-            if refit == "onepass":
+            if refit == "onepass" and not shared:
                 hooks.enter_context(_gram_hooks(layer, spec, ref, grams))
             dense = _run(layer, dense, ref, hooks)
             scores = scorer.finish(i, layer) if scorer is not None else None
+            if shared:
+                grams = scorer.take_grams()
             for c in cands:
                 if c.budget is not None:
                     c.layers.append(layer_plan(i, scores.heads, scores.channels, c.budget, mode, d))

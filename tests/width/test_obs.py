@@ -102,3 +102,39 @@ def test_obs_scores_on_a_tiny_model_and_a_run(tiny_dir, tmp_path):
     res = prune(PruneConfig.from_flat(model=str(tiny_dir()), ratio=0.3, criterion="obs", out=str(tmp_path / "o"),
                                       **SMALL))
     assert res.plan.criterion == "obs" and res.summary["export_max_abs_diff"] <= 1e-4
+
+
+def test_the_onepass_refit_reads_the_scorers_grams(monkeypatch):
+    """With ``--refit onepass`` the sweep takes obs's own Gram matrices: half the accumulations, the same plan
+    and the same refit weights as when it accumulates its own."""
+    from amp_prune.width import refit as refit_mod
+    from amp_prune.width.criteria.obs import ObsScorer
+    from amp_prune.width.planner import plan_width
+
+    model, spec = tiny_model("llama_gqa"), get_spec("llama")
+    ctx = ScoreContext(torch.device("cpu"), progress=False)
+    calls = []
+    add = refit_mod.Gram.add
+
+    def counted(self, x):
+        calls.append(1)
+        add(self, x)
+    monkeypatch.setattr(refit_mod.Gram, "add", counted)
+
+    def run():
+        calls.clear()
+        plan = plan_width(model, spec, random_batches(), ratio=0.3, mode="group", criterion="obs", ctx=ctx,
+                          attn_units="uniform", refit="onepass")
+        return plan, len(calls)
+
+    shared, n_shared = run()
+    monkeypatch.delattr(ObsScorer, "take_grams")
+    own, n_own = run()
+    assert n_own == 2 * n_shared > 0
+    assert [lp.channels for lp in shared.layers] == [lp.channels for lp in own.layers]
+    assert [lp.heads for lp in shared.layers] == [lp.heads for lp in own.layers]
+    assert shared.weights.keys() == own.weights.keys() and shared.weights
+    for i, w in own.weights.items():
+        assert w.keys() == shared.weights[i].keys()
+        for name in w:
+            assert torch.equal(w[name], shared.weights[i][name])

@@ -26,7 +26,8 @@ objective, so with ``--refit onepass`` this criterion chooses what the refit can
 ``--refit none`` it still ranks units by what their removal costs the projection's output.
 ``G`` is accumulated in fp32 on the device, the elimination runs in fp64 there. Memory: one
 block at a time, ``G`` of ``down_proj`` (``D^2`` fp32) and ``Hinv`` (``D^2`` fp64), the updates in
-place: about 2.5 GB for Llama-3-8B's 14,336 channels, beside the refit's own Gram matrices.
+place: about 2.5 GB for Llama-3-8B's 14,336 channels. With ``--refit onepass`` the sweep's refit
+reads these same Gram matrices (:meth:`ObsScorer.take_grams`) instead of accumulating its own.
 """
 
 from __future__ import annotations
@@ -120,6 +121,17 @@ class ObsScorer:
     def __init__(self, spec: ArchSpec, n_heads: int, head_dim: int):
         self.spec, self.n_heads, self.head_dim = spec, n_heads, head_dim
         self.grams: dict[tuple[int, str], Gram] = {}
+        self.share_grams = False  # set by a sweep whose one-pass refit reads the same statistics
+        self._shared: dict[str, Gram] = {}
+
+    def take_grams(self) -> dict[str, Gram]:
+        """The ``{"o", "down"}`` Grams of the block last finished, handed over once (only with ``share_grams``).
+
+        They are the dense ``o_proj`` / ``down_proj`` input statistics over the real tokens, exactly
+        what a one-pass refit accumulates, so the sweep reads them instead of computing them twice.
+        """
+        out, self._shared = self._shared, {}
+        return out
 
     def hooks(self, i: int, layer: nn.Module, ref: MaskRef) -> contextlib.AbstractContextManager:
         stack = contextlib.ExitStack()
@@ -130,7 +142,10 @@ class ObsScorer:
 
     def finish(self, i: int, layer: nn.Module) -> LayerScores:
         o, down = self.spec.o_proj(layer).weight.detach(), self.spec.down_proj(layer).weight.detach()
-        g_o, g_d = self.grams.pop((i, "o")).g, self.grams.pop((i, "down")).g
+        gram_o, gram_d = self.grams.pop((i, "o")), self.grams.pop((i, "down"))
+        if self.share_grams:
+            self._shared = {"o": gram_o, "down": gram_d}
+        g_o, g_d = gram_o.g, gram_d.g
         hd = self.head_dim
         heads = elimination_order(o, g_o, [list(range(h * hd, (h + 1) * hd)) for h in range(self.n_heads)], 1)
         d = down.shape[1]
