@@ -29,6 +29,7 @@ OFFLOADS = ("none", "cpu", "disk")
 PPL_DATASETS = ("wikitext2",)
 REFITS = ("none", "onepass", "sequential")
 LOSSES = ("kd", "lm", "kd+lm")
+STANDIN_FORMS = ("down", "map")
 DEFAULT_SOURCE = "builtin:c4"
 MIN_CHUNK_TOKENS = 16
 
@@ -128,6 +129,10 @@ class DepthConfig:
                                     "on the calibration batches, and keeps plain dropping where no damping beats it "
                                     "on held-out tokens (default %(default)s)", flag="--stand-in-damp",
                             metavar="auto|X")
+    standin_form: str = opt("down", "what the stand-in fits: down (the last kept block's down_proj, refit over its "
+                                    "inputs) or map (a linear map of that block's MLP output folded into it, "
+                                    "ReplaceMe) (default %(default)s)", flag="--stand-in-form",
+                            choices=STANDIN_FORMS)
     compare_refit: bool = opt(False, "hybrid: refit both candidates of every step (width refit, depth stand-in) before "
                                      "comparing their CKA; off by default, as it measured worse on SmolLM2")
     depth_samples: int = opt(16, "calibration sequences the block search uses (CKA compares sequences; 0 = all) "
@@ -148,6 +153,7 @@ class DepthConfig:
         _int_at_least(self.layers, 1, "--layers", optional=True, what="blocks")
         _choice(self.depth_cache, DEPTH_CACHES, "--depth-cache")
         _choice(self.rescore, RESCORES, "--rescore")
+        _choice(self.standin_form, STANDIN_FORMS, "--stand-in-form")
         _int_at_least(self.depth_samples, 0, "--depth-samples")
         _int_at_least(self.depth_seq_len, 0, "--depth-seq-len")
         if 0 < self.depth_seq_len < MIN_CHUNK_TOKENS:

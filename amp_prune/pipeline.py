@@ -115,6 +115,7 @@ def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan
                       ratio=c.ratio, progress=c.runtime.progress)
     plan.standin = c.depth.stand_in
     plan.standin_damp = c.depth.standin_ridge if c.depth.stand_in else None
+    plan.standin_form = c.depth.standin_form
     return plan
 
 
@@ -123,7 +124,8 @@ def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PruneP
     return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
                        representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
                        attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
-                       standin_damp=c.depth.standin_ridge, compare_refit=c.depth.compare_refit,
+                       standin_damp=c.depth.standin_ridge, standin_form=c.depth.standin_form,
+                       compare_refit=c.depth.compare_refit,
                        search_batches=_search_batches(calib, job), cache=c.depth.depth_cache)
 
 
@@ -236,7 +238,8 @@ def measure(model: torch.nn.Module, loaded: LoadedModel, held: list[Batch], inpu
 def describe(config: PruneConfig, plan: PrunePlan) -> str:
     """One phrase for the method, as the summary and the card show it."""
     refit = f", refit={plan.refit} (damp {plan.damp})" if plan.refit != "none" else ""
-    standin = f", stand-in for the dropped blocks (damp {plan.standin_ridge})" if plan.standin else ""
+    standin = (f", stand-in for the dropped blocks ({plan.standin_form}, damp {plan.standin_ridge})"
+               if plan.standin else "")
     if plan.method == "cka":
         return (f"depth, {len(plan.removed_layers)} blocks dropped by {plan.criterion} "
                 f"({'one-shot' if config.depth.one_shot else 'iterative'}, {config.depth.representation} "

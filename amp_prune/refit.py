@@ -2,8 +2,9 @@
 
 * width refit (``plan.refit`` onepass or sequential): the kept ``o_proj`` / ``down_proj``
   columns of every kept block, by :func:`amp_prune.width.sweep.sweep` with the plan's removals;
-* stand-ins (``plan.standin``): ``T`` per dropped span (:mod:`amp_prune.depth.standin`), folded
-  into the previous block's (refit) ``down_proj``: ``W_down <- T^T W_down``.
+* stand-ins (``plan.standin``): per dropped span (:mod:`amp_prune.depth.standin`), the previous
+  block's (refit) ``down_proj`` refit over its kept inputs (``plan.standin_form`` down), or a map
+  ``T`` folded into it (map): ``W_down <- T^T W_down``.
 
 A run and a replay of its plan call the same function with the same calibration settings
 (``plan.calibration``), so both give the same model. Nothing here mutates the model: the weights
@@ -20,7 +21,7 @@ from torch import nn
 
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch
-from amp_prune.depth.standin import fit_standins
+from amp_prune.depth.standin import fit_standins, spans
 from amp_prune.io.offload import materialized
 from amp_prune.plan import PrunePlan
 from amp_prune.width.sweep import Candidate, kept_columns, sweep
@@ -58,20 +59,29 @@ def compute_weights(model: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: 
         weights = {i: w for i, w in cand.weights.items() if i not in plan.removed_layers}
     if plan.standin and plan.removed_layers:
         layers = spec.get_layers(model)
+        bases: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # block a-1 -> kept down_proj columns, their weights
+        for a, _ in spans(plan.removed_layers):
+            if a >= 1:
+                _, cols = kept_columns(plan.layers[a - 1], d)
+                base = weights.get(a - 1, {}).get("down")
+                if base is None:
+                    with materialized(layers[a - 1]):  # a no-op unless the blocks are kept on disk
+                        base = spec.down_proj(layers[a - 1]).weight.detach()[:, cols].cpu()
+                bases[a - 1] = (cols, base)
         fits = fit_standins(model, spec, batches, plan.removed_layers, device, damp=plan.standin_ridge,
-                            progress=progress)
+                            form=plan.standin_form, bases=bases, progress=progress)
         plan.standin_fit = [f.record() for f in fits.values()]
         for k, fit in fits.items():
-            if fit.t is None:  # plain dropping beat every damping on held-out tokens
+            if fit.x is None:  # plain dropping beat every damping on held-out tokens
                 continue
-            t = fit.t
             down = spec.down_proj(layers[k])
-            _, cols = kept_columns(plan.layers[k], d)
-            base = weights.get(k, {}).get("down")
-            with materialized(layers[k]):  # a no-op unless the blocks are kept on disk
-                base = down.weight.detach()[:, cols].cpu() if base is None else base
-                w = weights.setdefault(k, {})
-                w["down"] = (t.T @ base.double()).to(down.weight.dtype)
-                if down.bias is not None:
-                    w["down_bias"] = (t.T @ down.bias.detach().double().cpu()).to(down.bias.dtype)
+            dtype = bases[k][1].dtype
+            w = weights.setdefault(k, {})
+            if fit.form == "down":  # the fitted weights replace the kept ones
+                w["down"] = fit.x.T.contiguous().to(dtype)
+                continue
+            w["down"] = (fit.x.T @ bases[k][1].double()).to(dtype)  # W_down <- T^T W_down
+            if down.bias is not None:
+                with materialized(layers[k]):
+                    w["down_bias"] = (fit.x.T @ down.bias.detach().double().cpu()).to(down.bias.dtype)
     return weights

@@ -73,11 +73,11 @@ def format_split(split: list[dict]) -> str:
 
 
 def format_standin(fits: list[dict]) -> str:
-    """Each dropped span's stand-in: the damping used (or none) and the held-out share left unexplained."""
+    """Each dropped span's stand-in: its form, the damping used (or none) and the held-out share left unexplained."""
     cells = []
     for f in fits:
         a, b = f["span"]
-        span = f"block {a}" if a == b else f"blocks {a}-{b}"
+        span = (f"block {a}" if a == b else f"blocks {a}-{b}") + (f" ({f['form']})" if f.get("form") else "")
         sc = f.get("heldout_unexplained") or {}
         if f["damp"] is None:
             cells.append(f"{span}: none (plain dropping leaves {sc['identity']:.3f} unexplained; no fit did better)")

@@ -1,11 +1,13 @@
 """What the refit and the stand-in do to one hybrid plan of SmolLM2, by the calibration data they are fitted on.
 
-    python benchmarks/hybrid_refit.py [--ratio 0.3] [--rows all|default]
+    python benchmarks/hybrid_refit.py [--ratio 0.3] [--rows all|default] [--forms down map]
 
 The hybrid search runs once (by default the 6-block budget, 15.8%; 16 x 128 calibration tokens,
 as benchmarks/depth.py); only the refit / stand-in and their data then change. ``--rows default``
 keeps the rows fitted on the CLI's default calibration (64 x 512) and the unrefit plan. WikiText-2
-test, 40 x 256 tokens. About 8 CPU minutes at 15.8%, about 20 at 0.3.
+test, 40 x 256 tokens. Each stand-in row runs once per ``--forms`` entry (what the stand-in fits:
+the last kept ``down_proj`` itself, or a folded map; :mod:`amp_prune.depth.standin`). About 8 CPU
+minutes at 15.8%, about 20 at 0.3.
 """
 
 from __future__ import annotations
@@ -33,6 +35,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--ratio", type=float, default=None, help="share of parameters (default: 6 blocks)")
     ap.add_argument("--rows", choices=["all", "default"], default="all")
+    ap.add_argument("--forms", nargs="+", choices=["down", "map"], default=["down", "map"],
+                    help="stand-in forms of the stand-in rows")
     args = ap.parse_args()
     cpu = torch.device("cpu")
     lm = load_model("smollm2-135m", device="cpu")
@@ -44,16 +48,20 @@ def main() -> None:
                        refit="onepass", standin=True, damp=0.01)
     choices = "".join(s.choice[0] for s in plan.steps)
     rows = []
-    for refit, standin, fit in (("none", False, None), ("onepass", False, small), ("onepass", True, small),
-                                ("onepass", False, default), ("none", True, default), ("onepass", True, default)):
+    forms = args.forms
+    cases = ([("none", None, None), ("onepass", None, small)] + [("onepass", f, small) for f in forms]
+             + [("onepass", None, default)] + [("none", f, default) for f in forms]
+             + [("onepass", f, default) for f in forms])  # (refit, stand-in form or None, data they are fitted on)
+    for refit, form, fit in cases:
         if args.rows == "default" and fit is small:
             continue
         p = copy.deepcopy(plan)
-        p.refit, p.standin, p.weights, p.standin_damp = refit, standin, None, "auto" if standin else None
+        p.refit, p.standin, p.weights, p.standin_damp = refit, form is not None, None, "auto" if form else None
+        p.standin_form = form or "map"
         if p.needs_weights:
             p.weights = compute_weights(lm.model, lm.spec, p, fit, cpu, progress=False)
         model = apply_plan(copy.deepcopy(lm.model), p, lm.spec)
-        rows.append({"plan": f"hybrid {ratio:.3f} {choices}", "refit": refit, "stand-in": standin,
+        rows.append({"plan": f"hybrid {ratio:.3f} {choices}", "refit": refit, "stand-in": form or "none",
                      "fit tokens": sum(b.num_tokens for b in fit) if fit else "",
                      "wikitext2 ppl": perplexity(model, lm.spec, wiki, cpu)})
         print(rows[-1], flush=True)

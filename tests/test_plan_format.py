@@ -74,3 +74,12 @@ def test_masked_width_candidate_equals_the_pruned_copy():
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
     b0 = batches[0]
     assert not torch.equal(logits(pruned, b0), logits(tiny_model("qwen2", layers=3), b0))  # something was removed
+
+
+def test_plans_written_before_the_stand_in_form_replay_as_a_folded_map():
+    plan = PrunePlan.blocks_only("llama", D, [1], criterion="cka", target_ratio=0.1, standin=True)
+    assert plan.standin_form == "down"  # the current default
+    d = json.loads(json.dumps(plan.to_dict()))
+    assert PrunePlan.from_dict(d).standin_form == "down"
+    del d["standin_form"]  # as every plan file before 2026-12-04
+    assert PrunePlan.from_dict(d).standin_form == "map"

@@ -122,16 +122,17 @@ def candidate_representation(search: DepthSearch, plan: PrunePlan, weights: dict
 
 
 def _standin(work: nn.Module, spec: ArchSpec, plan: PrunePlan, batches: list[Batch], device: torch.device,
-             damp: float | str) -> dict:
+             damp: float | str, form: str) -> dict:
     """The stand-in weights of dropping the block of ``plan`` from the current model ``work``."""
-    plan.standin, plan.standin_damp = True, damp
+    plan.standin, plan.standin_damp, plan.standin_form = True, damp, form
     return compute_weights(work, spec, plan, batches, device, progress=False)
 
 
 def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: float, *, device: torch.device,
                 gqa_mode: str = "group", representation: str = "pooled", seed: int = 0, progress: bool = True,
                 attn_units: str | int = "uniform", refit: str = "none", standin: bool = False,
-                damp: float = 0.0, standin_damp: float | str = "auto", compare_refit: bool = False,
+                damp: float = 0.0, standin_damp: float | str = "auto", standin_form: str = "down",
+                compare_refit: bool = False,
                 search_batches: list[Batch] | None = None, cache: str = "device") -> PrunePlan:
     """Plan the removal of about ``ratio`` of ``model``'s parameters by width and depth steps; ``model`` is untouched.
 
@@ -188,8 +189,8 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
             best = choose(scores, "cka")[0]
             depth = PrunePlan.blocks_only(work.config.model_type, spec.dims(work.config), [best], criterion="cka",
                                           target_ratio=0.0)
-            depth.weights = (_standin(work, spec, depth, batches, device, standin_damp) if standin and compare_refit
-                             else None)
+            depth.weights = (_standin(work, spec, depth, batches, device, standin_damp, standin_form)
+                             if standin and compare_refit else None)
             step.cka_depth = (search.cka_to(parent, candidate_representation(search, depth, depth.weights))
                               if depth.weights else scores["cka_parent"][best])
             width = _width_plan(work, spec, batches, block_params, mode, ctx, **opts)
@@ -213,4 +214,5 @@ def plan_hybrid(model: nn.Module, spec: ArchSpec, batches: list[Batch], ratio: f
     plan = tracker.plan(d0, model.config.model_type, mode, ratio, steps)
     plan.refit, plan.standin, plan.damp = refit, standin, damp if refit != "none" else 0.0
     plan.standin_damp = standin_damp if standin else None
+    plan.standin_form = standin_form
     return plan

@@ -51,13 +51,19 @@ def linear_block_model():
     return model
 
 
-def test_folding_the_stand_in_reproduces_a_linear_block():
-    model, spec, batches = linear_block_model(), get_spec("llama"), random_batches(seed=8)
+@pytest.mark.parametrize("form", ["map", "down"])
+def test_the_stand_in_reproduces_a_linear_block(form):
+    # block 0 writes no attention output, so z depends on the token alone: enough ids for a full-rank z
+    model, spec, batches = linear_block_model(), get_spec("llama"), random_batches((120, 90, 150, 100), seed=8, vocab=128)
     ref = linear_block_model()
     plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [1], criterion="test", target_ratio=0.0,
-                                 standin=True, damp=1e-10)
-    t = fit_standins(model, spec, batches, [1], CPU, damp=1e-10, progress=False)[0].t
-    torch.testing.assert_close(t.float(), torch.eye(64) + ref.model.layers[1].a, atol=1e-4, rtol=1e-4)  # T = I + A
+                                 standin=True, damp=1e-10, standin_form=form)
+    fit = fit_standins(model, spec, batches, [1], CPU, damp=1e-10, form=form, progress=False)[0]
+    exact = torch.eye(64) + ref.model.layers[1].a  # what block 1 does to block 0's MLP output m: m -> m (I + A)
+    if form == "down":  # m = z W^T, so the down_proj that absorbs the block is W^T (I + A)
+        exact = ref.model.layers[0].mlp.down_proj.weight.T @ exact
+    assert fit.form == form and fit.x.shape == exact.shape
+    torch.testing.assert_close(fit.x.float(), exact, atol=1e-4, rtol=1e-4)
     apply_plan(model, plan, spec, compute_weights(model, spec, plan, batches, CPU, progress=False))
     plain = apply_plan(linear_block_model(), PrunePlan.blocks_only("llama", plan.dims, [1], criterion="t",
                                                                    target_ratio=0.0))
@@ -67,21 +73,58 @@ def test_folding_the_stand_in_reproduces_a_linear_block():
         assert (logits(plain, b)[mask] - logits(ref, b)[mask]).abs().max() > 1e-3  # dropping alone is not exact
 
 
+def test_the_down_form_fits_the_calibration_at_least_as_well_as_the_map():
+    """Every folded map ``T^T W`` is a ``down_proj``, so the down form's in-sample residual is never larger."""
+    model, spec, batches = tiny_model("llama_gqa", layers=4), get_spec("llama"), random_batches(seed=3)
+    err = {}
+    for form in ("map", "down"):
+        plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [2], criterion="t", target_ratio=0.0,
+                                     standin=True, damp=1e-8, standin_form=form)
+        pruned = apply_plan(tiny_model("llama_gqa", layers=4), plan, spec,
+                            compute_weights(model, spec, plan, batches, CPU, progress=False))
+        # the state leaving the last kept block (index 1) against the dense state leaving block 2
+        dense, mine = [], []
+        h1 = model.model.layers[2].register_forward_hook(lambda _m, _a, out: dense.append(out))
+        h2 = pruned.model.layers[1].register_forward_hook(lambda _m, _a, out: mine.append(out))
+        for b in batches:
+            mask = b.attention_mask.bool()
+            logits(model, b), logits(pruned, b)
+            d, p = (x.pop()[0] if isinstance(x[-1], tuple) else x.pop() for x in (dense, mine))
+            err[form] = err.get(form, 0.0) + float(((p - d)[mask] ** 2).sum())
+        h1.remove(), h2.remove()
+    assert err["down"] <= err["map"] * (1 + 1e-6)
+    assert err["down"] < 0.9 * err["map"]  # with 96 inputs against 64, it is strictly better here
+
+
+def test_the_down_form_shrinks_toward_the_kept_weights():
+    model, spec, batches = tiny_model("llama_gqa", layers=4), get_spec("llama"), random_batches(seed=4)
+    w = model.model.layers[1].mlp.down_proj.weight
+    stiff = fit_standins(model, spec, batches, [2], CPU, damp=1e6, form="down", progress=False)[1]
+    torch.testing.assert_close(stiff.x.T.float(), w, atol=1e-4, rtol=1e-3)  # lam -> inf: X -> P = W^T
+    cols = torch.tensor([0, 5, 7, 50])
+    part = fit_standins(model, spec, batches, [2], CPU, damp=1e6, form="down", bases={1: (cols, w[:, cols] * 2)},
+                        progress=False)[1]
+    torch.testing.assert_close(part.x.T.float(), w[:, cols] * 2, atol=1e-4, rtol=1e-3)  # the given prior and columns
+
+
 def test_spans_and_one_map_per_span():
     assert spans([5, 2, 3, 7, 8, 9]) == [(2, 3), (5, 5), (7, 9)]
     model, spec = tiny_model("mistral", layers=6), get_spec("mistral")
-    ts = fit_standins(model, spec, random_batches(), [0, 2, 3, 5], CPU, damp=0.01, progress=False)
+    ts = fit_standins(model, spec, random_batches(), [0, 2, 3, 5], CPU, damp=0.01, form="map", progress=False)
     assert sorted(ts) == [1, 4]  # the span at block 0 has no earlier block to fold into
-    assert all(f.t.shape == (64, 64) for f in ts.values())
+    assert all(f.x.shape == (64, 64) for f in ts.values())
     none = fit_standins(model, spec, random_batches(), [], CPU, damp=0.01, progress=False)
     assert none == {}
 
 
-def test_stand_in_run_exports_and_replays(tiny_dir, tmp_path):
+@pytest.mark.parametrize("form", ["down", "map"])
+def test_stand_in_run_exports_and_replays(tiny_dir, tmp_path, form):
     src, out = tiny_dir("qwen3"), tmp_path / "o"
-    res = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, out=str(out), **SMALL))
+    res = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, out=str(out), standin_form=form,
+                                      **SMALL))
     plan = json.loads((out / "pruning_plan.json").read_text())
     assert plan["standin"] is True and res.summary["export_max_abs_diff"] <= 1e-4
+    assert plan["standin_form"] == form and all(f["form"] == form for f in plan["standin_fit"])
     assert plan["standin_damp"] == "auto" and [f["span"] for f in plan["standin_fit"]] == [
         [a, a] for a in res.plan.removed_layers if a >= 1]
     off = prune(PruneConfig.from_flat(model=str(src), method="cka", layers=1, stand_in=False, **SMALL), save=False)
@@ -125,6 +168,9 @@ def test_heldout_error_matches_the_direct_residual():
     assert heldout_error(t.double(), mtm, mtd, dtd) == pytest.approx(float(direct), rel=1e-9)
     plain = ((m.double() - d.double()) ** 2).sum() / (d.double() ** 2).sum()
     assert heldout_error(None, mtm, mtd, dtd) == pytest.approx(float(plain), rel=1e-9)
+    p = torch.randn(8, 8, generator=g).double()  # plain dropping under a prior P: X = P
+    at_prior = ((m.double() @ p - d.double()) ** 2).sum() / (d.double() ** 2).sum()
+    assert heldout_error(None, mtm, mtd, dtd, p) == pytest.approx(float(at_prior), rel=1e-9)
 
 
 def test_auto_damping_keeps_plain_dropping_when_the_change_is_unpredictable():
@@ -133,7 +179,7 @@ def test_auto_damping_keeps_plain_dropping_when_the_change_is_unpredictable():
     m = torch.randn(96, 64, generator=g)
     d = m + torch.randn(96, 64, generator=g)
     fit = choose(fold_sums(m, d), (3, 4), "auto")
-    assert fit.t is None and fit.damp is None
+    assert fit.x is None and fit.damp is None
     assert fit.scores["identity"] == min(fit.scores.values())
 
 
@@ -145,6 +191,6 @@ def test_auto_damping_fits_a_predictable_change_and_beats_plain_dropping():
     fit = choose(fold_sums(m, d), (3, 3), "auto")
     assert fit.damp in DAMP_GRID and fit.damp <= 0.01
     assert fit.scores[str(fit.damp)] < 0.01 * fit.scores["identity"]
-    torch.testing.assert_close(fit.t.float(), torch.eye(64) + a, atol=2e-3, rtol=0)
+    torch.testing.assert_close(fit.x.float(), torch.eye(64) + a, atol=2e-3, rtol=0)
     fixed = choose(fold_sums(m, d), (3, 3), 0.5)  # a number is used as given, with no cross-validation
     assert fixed.damp == 0.5 and fixed.scores == {}
