@@ -102,6 +102,7 @@ class PrunePlan:
     standin_damp: float | str | None = None  # "auto" (cross-validated per span) or a number; None: use damp
     standin_fit: list[dict] = field(default_factory=list)  # per span: the damping used and held-out scores
     standin_form: str = "down"  # down: refit the last kept down_proj; map: fold a map of its output (older plans)
+    standin_check: bool = True  # keep a span's stand-in only where it lowers the calibration loss (older plans: off)
     calibration: dict | None = None  # the calibration settings the refit used (a replay recomputes it from them)
     weights: dict | None = field(default=None, repr=False, compare=False)  # in memory only: block -> {o, down}
 
@@ -133,6 +134,7 @@ class PrunePlan:
             raise AmpPruneError(f"pruning plan version {d.get('version')} is not supported (expected {PLAN_VERSION})")
         d = dict(d)
         d.setdefault("standin_form", "map")  # plans written before the form existed folded a map
+        d.setdefault("standin_check", False)  # ... and kept every fitted stand-in
         d["layers"] = [LayerPlan(**lp) for lp in d["layers"]]
         d["steps"] = [step_from_dict(s) for s in d.get("steps", [])]
         return cls(**d)

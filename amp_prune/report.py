@@ -79,13 +79,20 @@ def format_standin(fits: list[dict]) -> str:
         a, b = f["span"]
         span = (f"block {a}" if a == b else f"blocks {a}-{b}") + (f" ({f['form']})" if f.get("form") else "")
         sc = f.get("heldout_unexplained") or {}
-        if f["damp"] is None:
+        if f.get("kept") is False:
+            kl = f["calib_kl"]
+            cells.append(f"{span}: left out (KL to the dense model on calibration text {kl['with']:.3f} with it, "
+                         f"{kl['without']:.3f} without)")
+        elif f["damp"] is None:
             cells.append(f"{span}: none (plain dropping leaves {sc['identity']:.3f} unexplained; no fit did better)")
         elif sc:
             cells.append(f"{span}: damp {f['damp']:g}, held-out unexplained {sc[str(f['damp'])]:.3f} "
                          f"(plain dropping {sc['identity']:.3f})")
         else:
             cells.append(f"{span}: damp {f['damp']:g}")
+        if f.get("kept"):
+            kl = f["calib_kl"]
+            cells[-1] += f", KL to the dense model {kl['with']:.3f} (plain dropping {kl['without']:.3f})"
     return "stand-in: " + "; ".join(cells)
 
 

@@ -9,7 +9,8 @@ The block sets are the ones each criterion drops in ``python benchmarks/depth.py
 (``down``: the last kept block's ``down_proj`` refit over its inputs; ``map``: ReplaceMe's ``T``
 folded into it; ``none``: plain dropping), the data it is fitted on and its damping (``auto``:
 cross-validated, see :mod:`amp_prune.depth.standin`; the held-out columns are its 4-fold scores,
-of the first span). WikiText-2 test, 40 x 256 tokens, as elsewhere; every row in one run, on the
+of the first span). "spans kept": the spans whose stand-in passed the check against plain
+dropping (:func:`amp_prune.refit.check_standins`) out of those with a block to fit. WikiText-2 test, 40 x 256 tokens, as elsewhere; every row in one run, on the
 same windows.
 """
 
@@ -34,7 +35,10 @@ from amp_prune.refit import compute_weights  # noqa: E402
 from amp_prune.surgery import apply_plan  # noqa: E402
 
 SETS = {"cka": [13, 14, 15, 16, 17, 18], "bi": [12, 13, 14, 15, 17, 25], "consensus": [13, 14, 15, 16, 17, 25],
-        "angular": [3, 12, 13, 14, 17, 25]}
+        "angular": [3, 12, 13, 14, 17, 25],
+        "cka-cli": [5, 7, 12, 16, 17, 25],  # what the CLI's CKA search drops (its 16 x 128 prefix; docs/benchmarks.md)
+        "span-8": [8, 9, 10, 11, 12, 13], "span-9": [9, 10, 11, 12, 13, 14]}  # contiguous spans the fit can hurt
+DEFAULT_SETS = ["cka", "bi", "consensus", "angular"]
 
 
 def main() -> None:
@@ -43,7 +47,7 @@ def main() -> None:
     ap.add_argument("--damps", nargs="+", default=["auto"], help="stand-in dampings (auto, or numbers)")
     ap.add_argument("--calibs", nargs="+", default=["16x128", "64x256", "64x512"],
                     help="SEQUENCESxTOKENS calibrations for the first set")
-    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=list(SETS),
+    ap.add_argument("--sets", nargs="+", choices=list(SETS), default=DEFAULT_SETS,
                     help="block sets; every set after the first runs at the last calibration only")
     ap.add_argument("--json")
     args = ap.parse_args()
@@ -74,10 +78,12 @@ def main() -> None:
                              "damp": damp if damp != "auto" else f"auto -> {fit['damp']}",
                              "held-out unexplained": scores.get(str(fit.get("damp")), "-"),
                              "plain dropping": scores.get("identity", "-"), "fit s": round(fit_s, 1),
+                             "spans kept": (f"{sum(bool(f.get('kept', f['damp'] is not None)) for f in plan.standin_fit)}"
+                                            f"/{len(plan.standin_fit)}") if plan.standin_fit else "-",
                              "wikitext2 ppl": perplexity(model, lm.spec, wiki, cpu)})
                 print(rows[-1], flush=True)
     print_table(rows, ["blocks", "calibration", "real tokens", "form", "damp", "held-out unexplained",
-                       "plain dropping", "fit s", "wikitext2 ppl"])
+                       "plain dropping", "fit s", "spans kept", "wikitext2 ppl"])
     save_json(args.json, rows)
 
 

@@ -39,6 +39,24 @@ class Batch:
         return int(self.attention_mask.sum())
 
 
+def leading_rows(batches: list[Batch], tokens: int) -> list[Batch]:
+    """The first sequences of ``batches`` (in order, same padding) that hold at least ``tokens`` real tokens."""
+    out: list[Batch] = []
+    seen = 0
+    for b in batches:
+        rows = []
+        for r in range(b.input_ids.shape[0]):
+            if seen >= tokens:
+                break
+            rows.append(r)
+            seen += int(b.attention_mask[r].sum())
+        if rows:
+            out.append(Batch(b.input_ids[rows], b.attention_mask[rows]))
+        if seen >= tokens:
+            break
+    return out
+
+
 def builtin_path() -> Path:
     """The packaged default: 300 C4 documents (ODC-BY), see ``amp_prune/data/NOTICE``."""
     return Path(str(resources.files("amp_prune") / "data" / "c4_demo.jsonl"))

@@ -99,9 +99,11 @@ def substituted(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, in
         w = weights.get(name)
         w = lin.weight[:, cols.to(lin.weight.device)] if w is None else w.to(lin.weight.device, lin.weight.dtype)
         idx = cols.to(lin.weight.device)
+        bias = weights.get(f"{name}_bias")  # a folded stand-in map also maps the bias
+        bias = None if bias is None else bias.to(lin.weight.device, lin.weight.dtype)
 
-        def hook(mod, args, _out, w=w, idx=idx):
-            return F.linear(args[0].index_select(-1, idx), w, mod.bias)
+        def hook(mod, args, _out, w=w, idx=idx, bias=bias):
+            return F.linear(args[0].index_select(-1, idx), w, mod.bias if bias is None else bias)
         stack.callback(lin.register_forward_hook(hook).remove)
     with stack:
         yield
@@ -147,7 +149,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     dense = capture_inputs(model, spec, batches, device)
     streams = compare or refit == "sequential"
     # the proxy needs only PROXY_TOKENS positions: without a sequential refit, candidates run on that many batches
-    n_stream = len(batches) if refit == "sequential" else _covering(batches, PROXY_TOKENS)
+    n_stream = len(batches) if refit == "sequential" else covering(batches, PROXY_TOKENS)
     for c in cands:
         c.stream = [BlockInputs(s.hidden, s.kwargs, s.mask) for s in dense[:n_stream]] if streams else None
     ref = MaskRef()
@@ -195,7 +197,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     if compare:
         ref_rep = _pooled(model, spec, dense[:n_stream], device)
         for c in cands:
-            c.loss = _calib_loss(model, spec, c.stream, batches[:n_stream], device)
+            c.loss = calib_loss(model, spec, c.stream, batches[:n_stream], device)
             acc = StreamingCKA()
             for a, b in zip(ref_rep, _pooled(model, spec, c.stream, device)):
                 acc.update(a, b)
@@ -205,7 +207,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     return None
 
 
-def _covering(batches: list[Batch], tokens: int) -> int:
+def covering(batches: list[Batch], tokens: int) -> int:
     """How many leading batches hold at least ``tokens`` real tokens (all of them if they hold fewer)."""
     seen = 0
     for n, b in enumerate(batches, 1):
@@ -226,7 +228,7 @@ def _pooled(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], device:
     return out
 
 
-def _calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], batches: list[Batch],
+def calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], batches: list[Batch],
                 device: torch.device, max_tokens: int = PROXY_TOKENS) -> float:
     """Mean next-token cross entropy over the first ``max_tokens`` real positions of the calibration batches."""
     nll, n = 0.0, 0
@@ -243,3 +245,24 @@ def _calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], bat
             nll += F.cross_entropy(logits, target, reduction="sum").double().item()
             n += take
     return nll / max(n, 1)
+
+
+def calib_kl(model: nn.Module, spec: ArchSpec, ref: list[BlockInputs], states: list[BlockInputs], device: torch.device,
+             max_tokens: int = PROXY_TOKENS) -> float:
+    """Mean ``KL(p_ref || p)`` of the next-token distributions over the first ``max_tokens`` real positions.
+
+    ``ref`` and ``states`` hold final-block outputs ``[B, T, H]`` of the same batches (``ref``: the dense
+    model); logits are formed one sequence at a time (``[T, V]``), never for the whole set.
+    """
+    kl, n = 0.0, 0
+    for a, b in zip(ref, states):
+        for r in range(a.hidden.shape[0]):
+            take = int(min(a.mask[r].sum(), max_tokens - n))
+            if take <= 0:
+                continue
+            real = a.mask[r].to(a.hidden.device)
+            lp, lq = (F.log_softmax(final_logits(model, spec, x.hidden[r:r + 1], device)[0][real][:take], -1)
+                      for x in (a, b))
+            kl += F.kl_div(lq, lp, log_target=True, reduction="sum").double().item()
+            n += take
+    return kl / max(n, 1)

@@ -74,3 +74,14 @@ def test_long_documents_are_cut_not_truncated():
     chunks = make_chunks(["x" * 120, "y" * 100], TOK, seq_len=32, seed=0)
     # 120 = 3x32 + 24 (kept); 100 = 3x32 + 4 (a 4-token tail is below MIN_CHUNK_TOKENS and dropped)
     assert sorted(len(c) for c in chunks) == [24, 32, 32, 32, 32, 32, 32]
+
+
+def test_leading_rows_keeps_the_first_sequences_that_hold_the_tokens():
+    import torch
+
+    from amp_prune.calib.data import leading_rows, to_batches
+    batches = to_batches([[5] * n for n in (10, 4, 7, 9, 3)], 2, pad_id=0)
+    got = leading_rows(batches, 15)  # 10 + 4 < 15 <= 10 + 4 + 7
+    assert [b.input_ids.shape for b in got] == [(2, 10), (1, 9)]
+    assert sum(b.num_tokens for b in got) == 21 and torch.equal(got[1].input_ids[0, :7], torch.full((7,), 5))
+    assert sum(b.num_tokens for b in leading_rows(batches, 10**6)) == 33

@@ -16,7 +16,7 @@ from amp_prune import PruneConfig, prune
 from amp_prune.arch import get_spec
 from amp_prune.depth.standin import DAMP_GRID, choose, fit_standins, heldout_error, spans
 from amp_prune.plan import PrunePlan
-from amp_prune.refit import compute_weights
+from amp_prune.refit import check_standins, compute_weights
 from amp_prune.surgery import apply_plan
 
 CPU = torch.device("cpu")
@@ -194,3 +194,30 @@ def test_auto_damping_fits_a_predictable_change_and_beats_plain_dropping():
     torch.testing.assert_close(fit.x.float(), torch.eye(64) + a, atol=2e-3, rtol=0)
     fixed = choose(fold_sums(m, d), (3, 3), 0.5)  # a number is used as given, with no cross-validation
     assert fixed.damp == 0.5 and fixed.scores == {}
+
+
+def test_a_stand_in_that_raises_the_calibration_loss_is_left_out():
+    model, spec, batches = tiny_model("llama_gqa", layers=4), get_spec("llama"), random_batches(seed=6)
+    plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [2], criterion="t", target_ratio=0.0,
+                                 standin=True, standin_damp=0.01)
+    w = compute_weights(model, spec, plan, batches, CPU, progress=False)
+    rec = plan.standin_fit[0]
+    assert set(rec["calib_kl"]) == {"with", "without"} and rec["kept"] == (1 in w)
+    g = torch.Generator().manual_seed(0)
+    bad = {1: {"down": torch.randn(64, 96, generator=g) * 5}}  # a "stand-in" that wrecks block 1's MLP
+    plan.standin_fit = [{"span": [2, 2]}]
+    check_standins(model, spec, plan, bad, {1: None}, batches, CPU)
+    rec = plan.standin_fit[0]
+    assert bad == {} and rec["kept"] is False and rec["calib_kl"]["with"] > rec["calib_kl"]["without"]
+
+
+def test_the_exact_stand_in_passes_the_check_and_old_plans_skip_it():
+    model, spec, batches = linear_block_model(), get_spec("llama"), random_batches((120, 90, 150, 100), seed=8, vocab=128)
+    plan = PrunePlan.blocks_only("llama", spec.dims(model.config), [1], criterion="t", target_ratio=0.0,
+                                 standin=True, standin_damp=1e-10)
+    w = compute_weights(model, spec, plan, batches, CPU, progress=False)
+    rec = plan.standin_fit[0]
+    assert 0 in w and rec["kept"] is True and rec["calib_kl"]["with"] < rec["calib_kl"]["without"]
+    old = PrunePlan.from_dict({k: v for k, v in plan.to_dict().items() if k not in ("standin_form", "standin_check")})
+    assert old.standin_form == "map" and old.standin_check is False
+    assert 0 in compute_weights(model, spec, old, batches, CPU, progress=False) and "kept" not in old.standin_fit[0]
