@@ -9,9 +9,9 @@
 With ``plan.standin_check`` (plans made since 2026-12-04), a span's stand-in is kept only where
 it brings the whole pruned model's next-token distribution closer to the dense model's (mean KL
 on the first ``PROXY_TOKENS`` calibration positions) than plain dropping does
-(:func:`check_standins`): the fit minimizes the squared error of the residual stream, which on
-SmolLM2 made some spans far worse on text (blocks 9-14: WikiText-2 230 -> 1,094) while it cut
-that error by four fifths.
+(:func:`check_standins`): the fit minimizes the squared error of the residual stream, and on
+SmolLM2 some spans that it fits well get far worse on text (blocks 8-13: WikiText-2 325 plain,
+3,475 with the map, 3,972 with the down form; docs/results.md).
 
 A run and a replay of its plan call the same function with the same calibration settings
 (``plan.calibration``), so both give the same model. Nothing here mutates the model: the weights
@@ -27,11 +27,11 @@ import torch
 from torch import nn
 
 from amp_prune.arch import ArchSpec
+from amp_prune.calib.blockwise import capture_inputs, run_blocks
 from amp_prune.calib.data import Batch, leading_rows
 from amp_prune.depth.standin import fit_standins, spans
 from amp_prune.io.offload import materialized
 from amp_prune.plan import PrunePlan
-from amp_prune.calib.blockwise import capture_inputs, run_blocks
 from amp_prune.width.sweep import PROXY_TOKENS, Candidate, calib_kl, kept_columns, substituted, sweep
 
 Weights = dict[int, dict[str, torch.Tensor]]

@@ -149,7 +149,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     dense = capture_inputs(model, spec, batches, device)
     streams = compare or refit == "sequential"
     # the proxy needs only PROXY_TOKENS positions: without a sequential refit, candidates run on that many batches
-    n_stream = len(batches) if refit == "sequential" else covering(batches, PROXY_TOKENS)
+    n_stream = len(batches) if refit == "sequential" else _covering(batches, PROXY_TOKENS)
     for c in cands:
         c.stream = [BlockInputs(s.hidden, s.kwargs, s.mask) for s in dense[:n_stream]] if streams else None
     ref = MaskRef()
@@ -197,7 +197,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     if compare:
         ref_rep = _pooled(model, spec, dense[:n_stream], device)
         for c in cands:
-            c.loss = calib_loss(model, spec, c.stream, batches[:n_stream], device)
+            c.loss = _calib_loss(model, spec, c.stream, batches[:n_stream], device)
             acc = StreamingCKA()
             for a, b in zip(ref_rep, _pooled(model, spec, c.stream, device)):
                 acc.update(a, b)
@@ -207,7 +207,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     return None
 
 
-def covering(batches: list[Batch], tokens: int) -> int:
+def _covering(batches: list[Batch], tokens: int) -> int:
     """How many leading batches hold at least ``tokens`` real tokens (all of them if they hold fewer)."""
     seen = 0
     for n, b in enumerate(batches, 1):
@@ -228,7 +228,7 @@ def _pooled(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], device:
     return out
 
 
-def calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], batches: list[Batch],
+def _calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], batches: list[Batch],
                 device: torch.device, max_tokens: int = PROXY_TOKENS) -> float:
     """Mean next-token cross entropy over the first ``max_tokens`` real positions of the calibration batches."""
     nll, n = 0.0, 0
