@@ -100,9 +100,9 @@ class PrunePlan:
     standin: bool = False  # dropped spans replaced by a linear map folded into the previous down_proj
     damp: float = 0.0  # ridge damping of the width refit (and of the stand-in when standin_damp is None)
     standin_damp: float | str | None = None  # "auto" (cross-validated per span) or a number; None: use damp
-    standin_fit: list[dict] = field(default_factory=list)  # per span: the damping used and held-out scores
+    standin_fit: list[dict] = field(default_factory=list)  # per span: form, damping, held-out scores, check outcome
     standin_form: str = "down"  # down: refit the last kept down_proj; map: fold a map of its output (older plans)
-    standin_check: bool = True  # keep a span's stand-in only where it lowers the calibration loss (older plans: off)
+    standin_check: bool = True  # keep a stand-in only where it lowers the calibration KL to dense (older plans: off)
     calibration: dict | None = None  # the calibration settings the refit used (a replay recomputes it from them)
     weights: dict | None = field(default=None, repr=False, compare=False)  # in memory only: block -> {o, down}
 

@@ -57,7 +57,8 @@ def main() -> None:
             continue
         p = copy.deepcopy(plan)
         p.refit, p.standin, p.weights, p.standin_damp = refit, form is not None, None, "auto" if form else None
-        p.standin_form = form or "map"
+        if form:
+            p.standin_form = form
         if p.needs_weights:
             p.weights = compute_weights(lm.model, lm.spec, p, fit, cpu, progress=False)
         model = apply_plan(copy.deepcopy(lm.model), p, lm.spec)

@@ -10,8 +10,8 @@ The block sets are the ones each criterion drops in ``python benchmarks/depth.py
 folded into it; ``none``: plain dropping), the data it is fitted on and its damping (``auto``:
 cross-validated, see :mod:`amp_prune.depth.standin`; the held-out columns are its 4-fold scores,
 of the first span). "spans kept": the spans whose stand-in passed the check against plain
-dropping (:func:`amp_prune.refit.check_standins`) out of those with a block to fit. WikiText-2 test, 40 x 256 tokens, as elsewhere; every row in one run, on the
-same windows.
+dropping (:func:`amp_prune.refit.check_standins`) out of those with a block to fit. WikiText-2
+test, 40 x 256 tokens, as elsewhere; every row in one run, on the same windows.
 """
 
 from __future__ import annotations
@@ -65,7 +65,7 @@ def main() -> None:
                 plan = PrunePlan.blocks_only("llama", lm.spec.dims(lm.model.config), SETS[name], criterion=name,
                                              target_ratio=0.0, standin=form != "none",
                                              standin_damp=None if form == "none" else damp,
-                                             standin_form="map" if form == "none" else form)
+                                             standin_form=form if form != "none" else "down")
                 start = time.perf_counter()
                 if plan.needs_weights:
                     plan.weights = compute_weights(lm.model, lm.spec, plan, calib, cpu, progress=False)
