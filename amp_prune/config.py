@@ -25,6 +25,7 @@ LAYER_CRITERIA = ("cka", "angular", "bi", "kl", "consensus")
 REPRESENTATIONS = ("token", "pooled")
 RESCORES = ("bounded", "all")
 DEPTH_CACHES = ("auto", "device", "cpu", "disk", "recompute")
+DEPTH_DTYPES = ("auto", "model", "bfloat16")
 OFFLOADS = ("none", "cpu", "disk")
 PPL_DATASETS = ("wikitext2",)
 REFITS = ("none", "onepass", "sequential")
@@ -123,8 +124,9 @@ class DepthConfig:
     one_shot: bool = opt(False, "score blocks once and drop the top N (large models)")
     representation: str = opt("pooled", "CKA over per-token states or per-sequence means (default %(default)s)",
                               choices=REPRESENTATIONS)
-    stand_in: bool = opt(True, "replace each span of dropped blocks by a least-squares linear map folded into the "
-                               "previous block's down_proj (default: on)", negatable=True)
+    stand_in: bool = opt(True, "replace each span of dropped blocks by a least-squares fit folded into the "
+                               "previous block's down_proj (see --stand-in-form), kept only where it lowers the "
+                               "calibration KL to the dense model (default: on)", negatable=True)
     standin_damp: str = opt("auto", "ridge damping of the stand-in: auto picks it per span by 4-fold cross-validation "
                                     "on the calibration batches, and keeps plain dropping where no damping beats it "
                                     "on held-out tokens (default %(default)s)", flag="--stand-in-damp",
@@ -137,12 +139,16 @@ class DepthConfig:
                                      "comparing their CKA; off by default, as it measured worse on SmolLM2")
     depth_samples: int = opt(16, "calibration sequences the block search uses (CKA compares sequences; 0 = all) "
                                  "(default %(default)s)")
-    depth_seq_len: int = opt(128, "first tokens of each sequence the block search uses (0 = whole sequences) "
+    depth_seq_len: int = opt(64, "first tokens of each sequence the block search uses (0 = whole sequences) "
                                   "(default %(default)s)")
     depth_cache: str = opt("auto", "where the block search keeps the states entering every block: device, cpu "
                                    "(host RAM), disk (temporary files), recompute (keep none), or auto (device when "
                                    "it fits a quarter of free memory, else cpu, else disk) (default %(default)s)",
                            choices=DEPTH_CACHES)
+    depth_dtype: str = opt("auto", "compute dtype of the block search's forward passes (--method cka): model (the "
+                                   "model's own), bfloat16 (autocast), or auto (bfloat16 for an fp32 model on a device "
+                                   "with native bf16 matmuls: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or "
+                                   "AMX; else model) (default %(default)s)", choices=DEPTH_DTYPES)
     rescore: str = opt("bounded", "iterative cka: after each removal rescore only the blocks that can still win under "
                                   "the angle bound (bounded), or every block (all, exact greedy) (default %(default)s)",
                        choices=RESCORES)
@@ -153,6 +159,7 @@ class DepthConfig:
         _int_at_least(self.layers, 1, "--layers", optional=True, what="blocks")
         _choice(self.depth_cache, DEPTH_CACHES, "--depth-cache")
         _choice(self.rescore, RESCORES, "--rescore")
+        _choice(self.depth_dtype, DEPTH_DTYPES, "--depth-dtype")
         _choice(self.standin_form, STANDIN_FORMS, "--stand-in-form")
         _int_at_least(self.depth_samples, 0, "--depth-samples")
         _int_at_least(self.depth_seq_len, 0, "--depth-seq-len")

@@ -23,7 +23,7 @@ from amp_prune.calib.data import Batch, build_batches, check_source
 from amp_prune.config import CalibConfig, PruneConfig
 from amp_prune.depth.cache import depth_batches
 from amp_prune.depth.hybrid import plan_hybrid
-from amp_prune.depth.search import plan_depth
+from amp_prune.depth.search import plan_depth, search_dtype
 from amp_prune.errors import AmpPruneError
 from amp_prune.eval.harness import check_tasks, evaluate_model, split_eval_spec
 from amp_prune.eval.perplexity import perplexity
@@ -112,7 +112,11 @@ def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan
     plan = plan_depth(model, job.spec, _search_batches(calib, job), job.n_blocks, device=job.device,
                       criterion=c.depth.layer_criterion, iterative=not c.depth.one_shot,
                       representation=c.depth.representation, cache=c.depth.depth_cache, rescore=c.depth.rescore,
-                      ratio=c.ratio, progress=c.runtime.progress)
+                      ratio=c.ratio, dtype=c.depth.depth_dtype, progress=c.runtime.progress)
+    cast = search_dtype(model, job.device, c.depth.depth_dtype)
+    if cast is not None:
+        job.notes.append(f"the block search ran in {str(cast).replace('torch.', '')} (autocast; --depth-dtype "
+                         f"{c.depth.depth_dtype}); --depth-dtype model keeps the model's dtype")
     plan.standin = c.depth.stand_in
     plan.standin_damp = c.depth.standin_ridge if c.depth.stand_in else None
     plan.standin_form = c.depth.standin_form

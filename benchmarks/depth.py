@@ -3,6 +3,8 @@
     python benchmarks/depth.py speed    # time of one removal step vs number of layers, with/without prefix cache
     python benchmarks/depth.py search   # the whole --blocks iterative CKA search: exact against bounded rescoring
                                         # and token caps, on the CLI's calibration (64 x 512) cut as --depth-* cut it
+    python benchmarks/depth.py robust   # the search's token budget: each SEQUENCESxTOKENS[:token][:bf16] run on
+                                        # --slices disjoint calibration samples; time and the chosen blocks' ppl
     python benchmarks/depth.py memory   # peak RSS of the prefix cache against tokens, blocks and --depth-cache
     python benchmarks/depth.py quality  # WikiText-2 perplexity of each depth criterion (with and without the
                                         # stand-in), hybrid and AMP width (with and without the refit) at the
@@ -27,7 +29,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import measure, print_table, rss_mb, save_json, wikitext_text  # noqa: E402
 
-from amp_prune.calib.data import build_batches  # noqa: E402
+from amp_prune.calib.data import build_batches, to_batches  # noqa: E402
 from amp_prune.depth.cache import depth_batches, estimate_bytes, tokens_of  # noqa: E402
 from amp_prune.depth.hybrid import plan_hybrid  # noqa: E402
 from amp_prune.depth.search import DepthSearch, angle, plan_depth, random_blocks  # noqa: E402
@@ -114,6 +116,53 @@ def search(args, lm, device) -> list[dict]:
         print(rows[-1], flush=True)
         rows[-1]["steps"] = [step_to_dict(st) for st in plan.steps]  # JSON only: every score of every step
     return rows
+
+
+def robust(args, lm, device) -> list[dict]:
+    """Each ``--settings`` entry (SEQUENCES x TOKENS, pooled or per-token CKA, fp32 or bf16 autocast) searched on ``--slices`` disjoint
+    sets of calibration sequences (slice k: sequences [k S, (k + 1) S) of one pool of C4 chunks of 512, the
+    CLI's 64 first, each cut to its first TOKENS); the search time and the chosen blocks' WikiText-2 ppl."""
+    settings = []
+    for entry in args.settings:
+        cap, *flags = entry.split(":")
+        samples, seq_len = (int(v) for v in cap.split("x"))
+        settings.append((samples, seq_len, "token" if "token" in flags else "pooled", "bf16" in flags))
+    pool, _ = build_batches(lm.tokenizer, num_samples=max(s[0] for s in settings) * args.slices, seq_len=512)
+    rows_of = [(ids, mask) for b in pool for ids, mask in zip(b.input_ids, b.attention_mask)]
+    pad = next((int(b.input_ids[b.attention_mask == 0][0]) for b in pool if (b.attention_mask == 0).any()), 0)
+    wiki = text_windows(lm.tokenizer, wikitext_text(), args.seq_len, max_windows=args.windows)
+    ppl_of: dict[tuple[int, ...], float] = {}  # the same blocks are evaluated once
+    rows = []
+    for samples, seq_len, rep, bf16 in settings:
+        for k in range(args.slices):
+            chunks = [ids[: int(mask.sum())][:seq_len].tolist() for ids, mask in rows_of[k * samples:(k + 1) * samples]]
+            batches = to_batches(chunks, 8, pad)
+            t = time.perf_counter()
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
+                plan = plan_depth(lm.model, lm.spec, batches, args.blocks, device=device, representation=rep,
+                                  progress=False)
+            wall = time.perf_counter() - t
+            key = tuple(plan.removed_layers)
+            if key not in ppl_of:
+                model = copy.deepcopy(lm.model)
+                remove_blocks(model, lm.spec, plan.removed_layers)
+                ppl_of[key] = perplexity(model, lm.spec, wiki, device)
+            rows.append({"setting": f"{samples} x {seq_len} {rep}" + (" bf16" if bf16 else ""), "slice": k, "tokens": tokens_of(batches),
+                         "search s": wall, "blocks": str(plan.removed_layers), "wikitext2 ppl": ppl_of[key]})
+            print(rows[-1], flush=True)
+    return rows
+
+
+def robust_summary(rows: list[dict]) -> list[dict]:
+    """One line per setting: mean search time, mean / median / worst ppl of its chosen blocks over the slices."""
+    out = []
+    for name in dict.fromkeys(r["setting"] for r in rows):
+        mine = [r for r in rows if r["setting"] == name]
+        ppl = [r["wikitext2 ppl"] for r in mine]
+        out.append({"setting": name, "slices": len(mine), "mean search s": statistics.mean(r["search s"] for r in mine),
+                    "mean ppl": statistics.mean(ppl), "median ppl": statistics.median(ppl), "worst ppl": max(ppl),
+                    "ppl per slice": " ".join(f"{v:.1f}" for v in ppl)})
+    return out
 
 
 def memory_one(args) -> None:
@@ -216,7 +265,7 @@ def quality(args, lm, calib, device) -> list[dict]:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("mode", choices=["speed", "quality", "search", "memory", "memory-one"])
+    ap.add_argument("mode", choices=["speed", "quality", "search", "robust", "memory", "memory-one"])
     ap.add_argument("--model", default="smollm2-135m")
     ap.add_argument("--num-samples", type=int, default=16)
     ap.add_argument("--calib-seq-len", type=int, default=128)
@@ -241,6 +290,10 @@ def main() -> None:
     ap.add_argument("--margins", type=float, nargs="+", default=[2.0, 1.0], help="search: bounded margins to run")
     ap.add_argument("--caps", nargs="+", default=["16x128", "16x64", "32x64"],
                     help="search: SEQUENCESxTOKENS caps of the bounded rows (the exact row uses the first)")
+    ap.add_argument("--settings", nargs="+", default=["16x128", "16x128:bf16", "16x64:bf16", "32x32:bf16", "16x32"],
+                    help="robust: SEQUENCESxTOKENS[:token][:bf16] search settings (pooled CKA unless :token; "
+                         "the model's dtype unless :bf16, autocast)")
+    ap.add_argument("--slices", type=int, default=4, help="robust: disjoint calibration samples per setting")
     ap.add_argument("--memory-layers", type=int, nargs="+", default=[10, 30])
     ap.add_argument("--memory-tokens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--layers", type=int, default=30, help="memory-one: blocks kept")
@@ -273,6 +326,15 @@ def main() -> None:
               f"{where}\n")
         print_table(rows, ["search", "tokens", "block-forwards", "search s", "rescored per step", "blocks",
                            "same as first row", "wikitext2 ppl", "needed margin"])
+    elif args.mode == "robust":
+        rows = robust(args, lm, device)
+        print(f"\n{args.model}: iterative CKA search for {args.blocks} blocks (bounded rescoring, the default), no "
+              f"stand-in; {args.slices} disjoint calibration samples per setting; WikiText-2 test {args.windows} x "
+              f"{args.seq_len}; {where}\n")
+        print_table(rows, ["setting", "slice", "tokens", "search s", "blocks", "wikitext2 ppl"])
+        print()
+        print_table(robust_summary(rows), ["setting", "slices", "mean search s", "mean ppl", "median ppl",
+                                           "worst ppl", "ppl per slice"])
     elif args.mode == "speed":
         rows = speed(args, lm, calib, device)
         print(f"\n{args.model} truncated to L blocks; one CKA removal step over {tokens} calibration tokens; {where}\n")

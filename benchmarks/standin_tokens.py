@@ -36,7 +36,8 @@ from amp_prune.surgery import apply_plan  # noqa: E402
 
 SETS = {"cka": [13, 14, 15, 16, 17, 18], "bi": [12, 13, 14, 15, 17, 25], "consensus": [13, 14, 15, 16, 17, 25],
         "angular": [3, 12, 13, 14, 17, 25],
-        "cka-cli": [5, 7, 12, 16, 17, 25],  # what the CLI's CKA search drops (its 16 x 128 prefix; docs/benchmarks.md)
+        "cka-cli": [5, 7, 12, 16, 17, 25],  # what the CLI's CKA search dropped on its 16 x 128 prefix (until 2026-12-04)
+        "cka-cli-64": [13, 15, 16, 17, 25, 26],  # ... and drops on its 16 x 64 prefix, bf16 (the default since)
         "span-8": [8, 9, 10, 11, 12, 13], "span-9": [9, 10, 11, 12, 13, 14]}  # contiguous spans the fit can hurt
 DEFAULT_SETS = ["cka", "bi", "consensus", "angular"]
 

@@ -21,8 +21,9 @@ import torch
 GOLDEN_DIR = Path(__file__).parent / "data" / "golden"
 PROMPT = [1, 40, 71, 68, 3, 80, 66, 72, 74, 75, 69, 88, 29, 41, 77, 90]  # fixed ids, valid for both vocabularies
 CALIB = dict(num_samples=8, seq_len=64, eval_samples=4, batch_size=4, progress=False)
-# what the pre-move code did: no refit, no stand-in, the attention share nearest the uniform one (1 unit here)
-OLD = dict(refit="none", stand_in=False)
+# what the pre-move code did: no refit, no stand-in, the attention share nearest the uniform one (1 unit here),
+# the block search in the model's dtype
+OLD = dict(refit="none", stand_in=False, depth_dtype="model")
 CASES = {
     "tiny": {
         "width_group": dict(method="width", ratio=0.3, gqa_mode="group", attn_units="1", **OLD),

@@ -6,7 +6,7 @@ states, so its size is
     bytes = (L + 1) * tokens * H * itemsize          (tokens counted with pads: B * T per batch)
 
 Llama-3-8B (L = 32, H = 4096, bf16) at 128 x 2048 calibration tokens: 33 * 262,144 * 4096 * 2 B
-= 70.9 GB. The search caps its tokens (:func:`depth_batches`, 16 x 128 by default: 0.55 GB at 8B)
+= 70.9 GB. The search caps its tokens (:func:`depth_batches`, 16 x 64 by default: 0.28 GB at 8B)
 and places the cache as ``--depth-cache`` says:
 
 - ``device``: on the execution device (fastest);

@@ -31,6 +31,7 @@ next-token distribution from the unpruned model's, on a token subsample) and ``c
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import random
@@ -44,7 +45,7 @@ from tqdm.auto import tqdm
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import BlockInputs, capture_inputs, run_blocks
 from amp_prune.calib.data import Batch
-from amp_prune.config import LAYER_CRITERIA, REPRESENTATIONS, RESCORES
+from amp_prune.config import DEPTH_DTYPES, LAYER_CRITERIA, REPRESENTATIONS, RESCORES
 from amp_prune.depth.cache import StateCache, choose_placement, estimate_bytes, tokens_of
 from amp_prune.depth.similarity import StreamingCKA, rank_sum
 from amp_prune.errors import AmpPruneError
@@ -232,15 +233,59 @@ def metrics_for(criterion: str) -> tuple[str, ...]:
     return CONSENSUS if criterion == "consensus" else (criterion,)
 
 
+def native_bf16(device: torch.device) -> bool:
+    """Whether ``device`` multiplies bf16 matrices natively: a CUDA GPU that supports bf16, or a CPU whose
+    flags (``/proc/cpuinfo``) list AVX512-BF16 or AMX-BF16 (elsewhere bf16 is emulated and slower)."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type != "cpu":
+        return False
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line.split() for line in f if line.startswith("flags")), [])
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def search_dtype(model: nn.Module, device: torch.device, requested: str) -> torch.dtype | None:
+    """The autocast dtype of the search's forward passes (``None``: the model's own dtype).
+
+    ``auto`` autocasts an fp32 model to bf16 where :func:`native_bf16` holds; scores only need the
+    ranking of candidates, and bf16 matmuls are 1.8x faster on a 2-core AVX512-BF16 CPU
+    (docs/benchmarks.md).
+    """
+    if requested not in DEPTH_DTYPES:
+        raise AmpPruneError(f"unknown --depth-dtype '{requested}': choose one of {', '.join(DEPTH_DTYPES)}")
+    fp32 = next(model.parameters()).dtype == torch.float32
+    if requested == "bfloat16" or (requested == "auto" and fp32 and native_bf16(device)):
+        return torch.bfloat16 if fp32 else None
+    return None
+
+
 def plan_depth(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_blocks: int, *, device: torch.device,
                criterion: str = "cka", iterative: bool = True, representation: str = "pooled",
                cache: str = "auto", rescore: str = "bounded", margin: float = DEFAULT_MARGIN, ratio: float = 0.0,
-               progress: bool = True) -> PrunePlan:
+               dtype: str = "model", progress: bool = True) -> PrunePlan:
     """Choose ``n_blocks`` blocks to drop; return the plan. ``model`` is never changed (removed blocks are skipped).
 
     ``cache``: where the prefix cache lives (:data:`amp_prune.depth.cache.PLACEMENTS`); ``rescore``:
-    ``bounded`` (see the module docstring; iterative ``cka`` only, others always rescore all) or ``all``.
+    ``bounded`` (see the module docstring; iterative ``cka`` only, others always rescore all) or ``all``;
+    ``dtype``: the forward passes' compute dtype (:func:`search_dtype`; CKA sums stay fp64).
     """
+    cast = search_dtype(model, device, dtype)
+    if cast is not None:
+        log.info("block search in %s (autocast)", str(cast).replace("torch.", ""))
+    with torch.autocast(device.type, dtype=cast, enabled=True) if cast else contextlib.nullcontext():
+        return _plan_depth(model, spec, batches, n_blocks, device=device, criterion=criterion, iterative=iterative,
+                           representation=representation, cache=cache, rescore=rescore, margin=margin, ratio=ratio,
+                           progress=progress)
+
+
+def _plan_depth(model: nn.Module, spec: ArchSpec, batches: list[Batch], n_blocks: int, *, device: torch.device,
+                criterion: str, iterative: bool, representation: str, cache: str, rescore: str, margin: float,
+                ratio: float, progress: bool) -> PrunePlan:
+    """:func:`plan_depth` in the caller's dtype context."""
     n_layers = len(spec.get_layers(model))
     if not 0 < n_blocks < n_layers:
         raise AmpPruneError(f"--layers must be between 1 and {n_layers - 1} for a model with {n_layers} blocks "

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 from conftest import FAMILIES, random_batches
@@ -15,7 +17,8 @@ from amp_prune.errors import AmpPruneError
 from amp_prune.io.export import export
 from amp_prune.depth.hybrid import plan_hybrid
 from amp_prune.config import LAYER_CRITERIA
-from amp_prune.depth.search import DepthSearch, plan_depth
+from amp_prune.depth import search as search_mod
+from amp_prune.depth.search import DepthSearch, plan_depth, search_dtype
 from amp_prune.surgery import remove_blocks
 from amp_prune.plan import PrunePlan
 from amp_prune.width.budget import count_params
@@ -108,6 +111,37 @@ def test_cka_search_picks_a_block_that_does_nothing():
         model.model.layers[1].mlp.down_proj.weight.zero_()
     plan = plan_depth(model, get_spec("mistral"), random_batches(), 1, device=CPU, progress=False)
     assert plan.removed_layers == [1] and plan.steps[0].metrics["cka"][1] == pytest.approx(1.0)
+
+
+def test_search_dtype_resolution(monkeypatch):
+    model = tiny_model("llama_gqa", layers=4)
+    assert search_dtype(model, CPU, "model") is None
+    assert search_dtype(model, CPU, "bfloat16") is torch.bfloat16
+    assert search_dtype(copy_to(model, torch.bfloat16), CPU, "bfloat16") is None  # already half precision
+    for native, expect in ((True, torch.bfloat16), (False, None)):
+        monkeypatch.setattr(search_mod, "native_bf16", lambda device, native=native: native)
+        assert search_dtype(model, CPU, "auto") is expect
+    assert search_dtype(copy_to(model, torch.float16), CPU, "auto") is None
+    with pytest.raises(AmpPruneError, match="unknown --depth-dtype 'fp8'"):
+        search_dtype(model, CPU, "fp8")
+
+
+def copy_to(model, dtype):
+    return copy.deepcopy(model).to(dtype)
+
+
+@pytest.mark.parametrize("dtype, expect", [("model", torch.float32), ("bfloat16", torch.bfloat16)])
+def test_search_forward_passes_run_in_the_requested_dtype(dtype, expect):
+    """bf16 autocast reaches every block's projections; the model's weights and the plan's shape are untouched."""
+    model = inert_block_model()
+    seen = set()
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype)) for layer in model.model.layers]
+    plan = plan_depth(model, get_spec("llama"), random_batches(), 1, device=CPU, dtype=dtype, progress=False)
+    for h in hooks:
+        h.remove()
+    assert seen == {expect}
+    assert next(model.parameters()).dtype == torch.float32
+    assert plan.removed_layers == [3]  # the inert block, in either dtype
 
 
 def test_one_shot_scores_once():
