@@ -122,6 +122,7 @@ def test_search_dtype_resolution(monkeypatch):
         monkeypatch.setattr(search_mod, "native_bf16", lambda device, native=native: native)
         assert search_dtype(model, CPU, "auto") is expect
     assert search_dtype(copy_to(model, torch.float16), CPU, "auto") is None
+    assert search_dtype(copy_to(model, torch.float16), CPU, "bfloat16") is torch.bfloat16
     with pytest.raises(AmpPruneError, match="unknown --depth-dtype 'fp8'"):
         search_dtype(model, CPU, "fp8")
 
