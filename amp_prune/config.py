@@ -146,9 +146,9 @@ class DepthConfig:
                                    "it fits a quarter of free memory, else cpu, else disk) (default %(default)s)",
                            choices=DEPTH_CACHES)
     depth_dtype: str = opt("auto", "compute dtype of the block search's forward passes (--method cka): model (the "
-                                   "model's own), bfloat16 (autocast), or auto (bfloat16 for an fp32 model on a device "
-                                   "with native bf16 matmuls: a CUDA GPU that supports it, or a CPU with AVX512-BF16 or "
-                                   "AMX; else model) (default %(default)s)", choices=DEPTH_DTYPES)
+                                   "model's own), bfloat16 (autocast), or auto (bfloat16 for an fp32 model on a "
+                                   "device with native bf16 matmuls: a CUDA GPU that supports it, or a CPU with "
+                                   "AVX512-BF16 or AMX; else model) (default %(default)s)", choices=DEPTH_DTYPES)
     rescore: str = opt("bounded", "iterative cka: after each removal rescore only the blocks that can still win under "
                                   "the angle bound (bounded), or every block (all, exact greedy) (default %(default)s)",
                        choices=RESCORES)

@@ -119,9 +119,10 @@ def search(args, lm, device) -> list[dict]:
 
 
 def robust(args, lm, device) -> list[dict]:
-    """Each ``--settings`` entry (SEQUENCES x TOKENS, pooled or per-token CKA, fp32 or bf16 autocast) searched on ``--slices`` disjoint
-    sets of calibration sequences (slice k: sequences [k S, (k + 1) S) of one pool of C4 chunks of 512, the
-    CLI's 64 first, each cut to its first TOKENS); the search time and the chosen blocks' WikiText-2 ppl."""
+    """Each ``--settings`` entry (SEQUENCES x TOKENS, pooled or per-token CKA, the model's dtype or bf16 autocast,
+    as ``--depth-dtype`` sets them) searched on ``--slices`` disjoint sets of calibration sequences (slice k:
+    sequences [k S, (k + 1) S) of one pool of C4 chunks of 512, the CLI's 64 first, each cut to its first
+    TOKENS); the search time and the chosen blocks' WikiText-2 ppl."""
     settings = []
     for entry in args.settings:
         cap, *flags = entry.split(":")
@@ -135,20 +136,21 @@ def robust(args, lm, device) -> list[dict]:
     rows = []
     for samples, seq_len, rep, bf16 in settings:
         for k in range(args.slices):
-            chunks = [ids[: int(mask.sum())][:seq_len].tolist() for ids, mask in rows_of[k * samples:(k + 1) * samples]]
+            chunks = [ids[: int(mask.sum())][:seq_len].tolist()
+                      for ids, mask in rows_of[k * samples:(k + 1) * samples]]
             batches = to_batches(chunks, 8, pad)
             t = time.perf_counter()
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=bf16):
-                plan = plan_depth(lm.model, lm.spec, batches, args.blocks, device=device, representation=rep,
-                                  progress=False)
+            plan = plan_depth(lm.model, lm.spec, batches, args.blocks, device=device, representation=rep,
+                              dtype="bfloat16" if bf16 else "model", progress=False)
             wall = time.perf_counter() - t
             key = tuple(plan.removed_layers)
             if key not in ppl_of:
                 model = copy.deepcopy(lm.model)
                 remove_blocks(model, lm.spec, plan.removed_layers)
                 ppl_of[key] = perplexity(model, lm.spec, wiki, device)
-            rows.append({"setting": f"{samples} x {seq_len} {rep}" + (" bf16" if bf16 else ""), "slice": k, "tokens": tokens_of(batches),
-                         "search s": wall, "blocks": str(plan.removed_layers), "wikitext2 ppl": ppl_of[key]})
+            rows.append({"setting": f"{samples} x {seq_len} {rep}" + (" bf16" if bf16 else ""), "slice": k,
+                         "tokens": tokens_of(batches), "search s": wall, "blocks": str(plan.removed_layers),
+                         "wikitext2 ppl": ppl_of[key]})
             print(rows[-1], flush=True)
     return rows
 
@@ -159,8 +161,9 @@ def robust_summary(rows: list[dict]) -> list[dict]:
     for name in dict.fromkeys(r["setting"] for r in rows):
         mine = [r for r in rows if r["setting"] == name]
         ppl = [r["wikitext2 ppl"] for r in mine]
-        out.append({"setting": name, "slices": len(mine), "mean search s": statistics.mean(r["search s"] for r in mine),
-                    "mean ppl": statistics.mean(ppl), "median ppl": statistics.median(ppl), "worst ppl": max(ppl),
+        out.append({"setting": name, "slices": len(mine),
+                    "mean search s": statistics.mean(r["search s"] for r in mine), "mean ppl": statistics.mean(ppl),
+                    "median ppl": statistics.median(ppl), "worst ppl": max(ppl),
                     "ppl per slice": " ".join(f"{v:.1f}" for v in ppl)})
     return out
 

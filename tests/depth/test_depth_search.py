@@ -136,7 +136,8 @@ def test_search_forward_passes_run_in_the_requested_dtype(dtype, expect):
     """bf16 autocast reaches every block's projections; the model's weights and the plan's shape are untouched."""
     model = inert_block_model()
     seen = set()
-    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype)) for layer in model.model.layers]
+    hooks = [layer.mlp.down_proj.register_forward_hook(lambda m, i, o: seen.add(o.dtype))
+             for layer in model.model.layers]
     plan = plan_depth(model, get_spec("llama"), random_batches(), 1, device=CPU, dtype=dtype, progress=False)
     for h in hooks:
         h.remove()
