@@ -97,7 +97,7 @@ class PrunePlan:
     attn_units: int | None = None  # attention units removed per block (KV groups, or heads per group)
     split: list[dict] = field(default_factory=list)  # every attention/MLP split considered, with its proxy scores
     refit: str = "none"  # none | onepass | sequential: least-squares refit of the kept o_proj/down_proj columns
-    standin: bool = False  # dropped spans replaced by a linear map folded into the previous down_proj
+    standin: bool = False  # dropped spans replaced by a least-squares fit folded into the previous down_proj
     damp: float = 0.0  # ridge damping of the width refit (and of the stand-in when standin_damp is None)
     standin_damp: float | str | None = None  # "auto" (cross-validated per span) or a number; None: use damp
     standin_fit: list[dict] = field(default_factory=list)  # per span: form, damping, held-out scores, check outcome
