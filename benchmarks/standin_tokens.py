@@ -50,8 +50,12 @@ def main() -> None:
                     help="SEQUENCESxTOKENS calibrations for the first set")
     ap.add_argument("--sets", nargs="+", choices=list(SETS), default=DEFAULT_SETS,
                     help="block sets; every set after the first runs at the last calibration only")
+    ap.add_argument("--calib", default=None,
+                    help="the stand-in's calibration text (anything --calib accepts; default: the CLI's C4 sample); "
+                         "never the WikiText-2 test text")
     ap.add_argument("--json")
     args = ap.parse_args()
+    source = {"source": args.calib} if args.calib else {}
     cpu = torch.device("cpu")
     lm = load_model("smollm2-135m", device="cpu")
     wiki = text_windows(lm.tokenizer, wikitext_text(), 256, max_windows=40)
@@ -60,7 +64,7 @@ def main() -> None:
     built: dict[tuple[int, int], list] = {}
     rows = []
     for name, (n, t) in runs:
-        calib = built.setdefault((n, t), build_batches(lm.tokenizer, num_samples=n, seq_len=t)[0])
+        calib = built.setdefault((n, t), build_batches(lm.tokenizer, num_samples=n, seq_len=t, **source)[0])
         for form in args.forms:
             for damp in (["-"] if form == "none" else [d if d == "auto" else float(d) for d in args.damps]):
                 plan = PrunePlan.blocks_only("llama", lm.spec.dims(lm.model.config), SETS[name], criterion=name,
@@ -74,7 +78,7 @@ def main() -> None:
                 model = apply_plan(copy.deepcopy(lm.model), plan, lm.spec)
                 fit = plan.standin_fit[0] if plan.standin_fit else {}
                 scores = fit.get("heldout_unexplained") or {}
-                rows.append({"blocks": f"{name} {SETS[name]}", "calibration": f"{n} x {t}",
+                rows.append({"blocks": f"{name} {SETS[name]}", "calibration": f"{n} x {t}" + (f" {Path(args.calib).name}" if args.calib else ""),
                              "real tokens": sum(b.num_tokens for b in calib), "form": form,
                              "damp": damp if damp != "auto" else f"auto -> {fit['damp']}",
                              "held-out unexplained": scores.get(str(fit.get("damp")), "-"),
