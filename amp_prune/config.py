@@ -139,8 +139,8 @@ class DepthConfig:
                                      "comparing their CKA; off by default, as it measured worse on SmolLM2")
     depth_samples: int = opt(16, "calibration sequences the block search uses (CKA compares sequences; 0 = all) "
                                  "(default %(default)s)")
-    depth_seq_len: int = opt(64, "first tokens of each sequence the block search uses (0 = whole sequences) "
-                                  "(default %(default)s)")
+    depth_seq_len: int | None = opt(None, "first tokens of each sequence the block search uses (0 = whole "
+                                          "sequences; default 64 with --method cka, 128 with hybrid)")
     depth_cache: str = opt("auto", "where the block search keeps the states entering every block: device, cpu "
                                    "(host RAM), disk (temporary files), recompute (keep none), or auto (device when "
                                    "it fits a quarter of free memory, else cpu, else disk) (default %(default)s)",
@@ -162,8 +162,8 @@ class DepthConfig:
         _choice(self.depth_dtype, DEPTH_DTYPES, "--depth-dtype")
         _choice(self.standin_form, STANDIN_FORMS, "--stand-in-form")
         _int_at_least(self.depth_samples, 0, "--depth-samples")
-        _int_at_least(self.depth_seq_len, 0, "--depth-seq-len")
-        if 0 < self.depth_seq_len < MIN_CHUNK_TOKENS:
+        _int_at_least(self.depth_seq_len, 0, "--depth-seq-len", optional=True)
+        if 0 < (self.depth_seq_len or 0) < MIN_CHUNK_TOKENS:
             raise AmpPruneError(f"--depth-seq-len must be 0 (whole sequences) or at least {MIN_CHUNK_TOKENS} "
                                 f"(got {self.depth_seq_len})")
         try:

@@ -101,10 +101,16 @@ def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePl
                       attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
 
 
+# --depth-seq-len by method, as measured on SmolLM2 (docs/benchmarks.md, docs/results.md): 64 keeps the CKA
+# search's blocks as good at half the time; hybrid at 0.3 drops more blocks at 64 and ends 13% worse (187.5 vs 166.2)
+SEARCH_SEQ_LEN = {"cka": 64, "hybrid": 128}
+
+
 def _search_batches(calib: list[Batch], job: Job) -> list[Batch]:
     """The calibration sequences the block search uses: ``--depth-samples`` x ``--depth-seq-len``."""
     d = job.config.depth
-    return depth_batches(calib, d.depth_samples or None, d.depth_seq_len or None)
+    seq_len = d.depth_seq_len if d.depth_seq_len is not None else SEARCH_SEQ_LEN[job.config.method]
+    return depth_batches(calib, d.depth_samples or None, seq_len or None)
 
 
 def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:

@@ -48,8 +48,16 @@ def main() -> None:
     ap.add_argument("--calibs", nargs="+", default=["builtin:c4"],
                     help="calibration sources (anything --calib accepts); never the WikiText-2 test text")
     ap.add_argument("--windows", type=int, default=40)
+    ap.add_argument("--prune", nargs="*", default=[], metavar="KEY=VALUE",
+                    help="PruneConfig fields over the CLI defaults for every row, e.g. depth_seq_len=128")
     ap.add_argument("--json")
     args = ap.parse_args()
+    overrides = {}
+    for item in args.prune:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--prune takes KEY=VALUE pairs (got {item!r}); e.g. --prune depth_seq_len=128")
+        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
     rows = [{"method": "dense", "wikitext2 ppl": wikitext_ppl(args.model, args.windows)}]
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:
@@ -58,10 +66,11 @@ def main() -> None:
                 out = f"{tmp}/{method}-{i}"
                 t = time.perf_counter()
                 res = prune(PruneConfig.from_flat(model=args.model, out=out, calib=calib, eval_samples=0,
-                                                  progress=False, **METHODS[method]))
+                                                  progress=False, **{**METHODS[method], **overrides}))
                 prune_s = time.perf_counter() - t
                 fits = res.plan.standin_fit
-                rows.append({"method": method, "calibration": Path(calib).name if calib != "builtin:c4" else calib,
+                label = method + "".join(f" {k}={v}" for k, v in overrides.items())
+                rows.append({"method": label, "calibration": Path(calib).name if calib != "builtin:c4" else calib,
                              "removed": round(res.summary["achieved_ratio"], 3), "blocks": res.plan.removed_layers,
                              "split": res.plan.attn_units,
                              "stand-ins kept": f"{sum(bool(f.get('kept')) for f in fits)}/{len(fits)}" if fits else "-",

@@ -135,3 +135,20 @@ def test_the_default_bounded_search_records_what_it_rescored_and_the_drift():
         assert st.rescored and set(st.rescored) <= set(st.candidates)
         assert st.removed[0] in st.rescored
     assert all(st.drift is not None and st.drift >= 0 for st in plan.steps[:-1])
+
+
+@pytest.mark.parametrize("method, given, expect", [("cka", None, 64), ("hybrid", None, 128), ("hybrid", 32, 32),
+                                                   ("cka", 0, 200)])
+def test_the_search_tokens_default_by_method(method, given, expect):
+    """--depth-seq-len unset: 64 tokens for the CKA search, 128 for hybrid (measured per method); a value wins."""
+    from types import SimpleNamespace
+
+    from amp_prune.calib.data import Batch
+    from amp_prune.config import PruneConfig
+    from amp_prune.pipeline import _search_batches
+    cfg = PruneConfig.from_flat(model="m", method=method, ratio=0.3, layers=None, depth_seq_len=given,
+                                depth_samples=0)
+    cfg.validate()
+    calib = [Batch(torch.ones(2, 200, dtype=torch.long), torch.ones(2, 200, dtype=torch.long))]
+    cut = _search_batches(calib, SimpleNamespace(config=cfg))
+    assert {b.input_ids.shape[1] for b in cut} == {expect}
