@@ -1,4 +1,4 @@
-"""Helpers shared by the benchmark scripts: a peak-RSS sampler and table printing."""
+"""Helpers shared by the benchmark scripts: a peak-RSS sampler, table printing, the WikiText-2 text, --prune pairs."""
 
 from __future__ import annotations
 
@@ -80,3 +80,21 @@ def replace_section(path: Path, start: str, end: str, block: str, *, new_file: s
     else:
         text = text.rstrip() + "\n\n" + heading + block + "\n"
     path.write_text(text)
+
+
+def prune_overrides(ap, items: list[str]) -> dict:
+    """``--prune KEY=VALUE`` pairs as PruneConfig fields (numbers parsed; ``attn_units`` stays a string)."""
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            ap.error(f"--prune takes KEY=VALUE pairs (got {item!r}); e.g. --prune criterion=obs")
+        out[key] = value
+        if key != "attn_units":
+            for kind in (int, float):
+                try:
+                    out[key] = kind(value)
+                    break
+                except ValueError:
+                    pass
+    return out

@@ -26,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import print_table, save_json, wikitext_text  # noqa: E402
+from _common import print_table, prune_overrides, save_json, wikitext_text  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
 from amp_prune.eval.perplexity import perplexity, text_windows  # noqa: E402
@@ -52,12 +52,7 @@ def main() -> None:
                     help="PruneConfig fields over the CLI defaults for every row, e.g. depth_seq_len=128")
     ap.add_argument("--json")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.prune:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--prune takes KEY=VALUE pairs (got {item!r}); e.g. --prune depth_seq_len=128")
-        overrides[key] = int(value) if value.lstrip("-").isdigit() else value
+    overrides = prune_overrides(ap, args.prune)
     rows = [{"method": "dense", "wikitext2 ppl": wikitext_ppl(args.model, args.windows)}]
     print(rows[-1], flush=True)
     with tempfile.TemporaryDirectory() as tmp:

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import SHARED_DATA, print_table, save_json, wikitext_text  # noqa: E402
+from _common import SHARED_DATA, print_table, prune_overrides, save_json, wikitext_text  # noqa: E402
 
 from amp_prune import PruneConfig, load_model, prune  # noqa: E402
 from amp_prune.config import DEFAULT_SOURCE, FinetuneConfig  # noqa: E402
@@ -59,15 +59,6 @@ def measure(path: str, args) -> tuple[float, float | None]:
     return ppl, res["avg5"]
 
 
-def _number(value: str) -> int | float | str:
-    for kind in (int, float):
-        try:
-            return kind(value)
-        except ValueError:
-            pass
-    return value
-
-
 def pct(x: float | None) -> str:
     return "" if x is None else f"{100 * x:.2f}"
 
@@ -92,12 +83,7 @@ def main() -> None:
                          "refit=sequential num_samples=256 attn_units=0")
     ap.add_argument("--json")
     args = ap.parse_args()
-    overrides = {}
-    for item in args.prune:
-        key, sep, value = item.partition("=")
-        if not sep:
-            ap.error(f"--prune takes KEY=VALUE pairs (got {item!r}); e.g. --prune criterion=obs")
-        overrides[key] = value if key == "attn_units" else _number(value)
+    overrides = prune_overrides(ap, args.prune)
     rows = []
 
     def add(row: dict) -> None:
