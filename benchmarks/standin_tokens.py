@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--json")
     args = ap.parse_args()
     source = {"source": args.calib} if args.calib else {}
+    text = f" {Path(args.calib).name}" if args.calib else ""
     cpu = torch.device("cpu")
     lm = load_model("smollm2-135m", device="cpu")
     wiki = text_windows(lm.tokenizer, wikitext_text(), 256, max_windows=40)
@@ -78,7 +79,7 @@ def main() -> None:
                 model = apply_plan(copy.deepcopy(lm.model), plan, lm.spec)
                 fit = plan.standin_fit[0] if plan.standin_fit else {}
                 scores = fit.get("heldout_unexplained") or {}
-                rows.append({"blocks": f"{name} {SETS[name]}", "calibration": f"{n} x {t}" + (f" {Path(args.calib).name}" if args.calib else ""),
+                rows.append({"blocks": f"{name} {SETS[name]}", "calibration": f"{n} x {t}{text}",
                              "real tokens": sum(b.num_tokens for b in calib), "form": form,
                              "damp": damp if damp != "auto" else f"auto -> {fit['damp']}",
                              "held-out unexplained": scores.get(str(fit.get("damp")), "-"),

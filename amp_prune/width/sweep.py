@@ -229,7 +229,7 @@ def _pooled(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], device:
 
 
 def _calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], batches: list[Batch],
-                 device: torch.device, max_tokens: int = PROXY_TOKENS) -> float:
+                device: torch.device, max_tokens: int = PROXY_TOKENS) -> float:
     """Mean next-token cross entropy over the first ``max_tokens`` real positions of the calibration batches."""
     nll, n = 0.0, 0
     for s, b in zip(states, batches):
