@@ -13,7 +13,7 @@ import copy
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -104,6 +104,13 @@ def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePl
 # --depth-seq-len by method, as measured on SmolLM2 (docs/benchmarks.md, docs/results.md): 64 keeps the CKA
 # search's blocks as good at half the time; hybrid at 0.3 drops more blocks at 64 and ends 13% worse (187.5 vs 166.2)
 SEARCH_SEQ_LEN = {"cka": 64, "hybrid": 128}
+
+
+def _with_method_defaults(config: PruneConfig) -> PruneConfig:
+    """``config`` with the defaults that depend on the method filled in, so that ``run.json`` records what ran."""
+    if config.depth.depth_seq_len is None and config.method in SEARCH_SEQ_LEN and not config.plan:
+        return replace(config, depth=replace(config.depth, depth_seq_len=SEARCH_SEQ_LEN[config.method]))
+    return config
 
 
 def _search_batches(calib: list[Batch], job: Job) -> list[Batch]:
@@ -297,6 +304,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     ``keep_dense`` keeps a copy of the unpruned model in ``result.dense`` (a distillation teacher).
     """
     config.validate()
+    config = _with_method_defaults(config)
     t0 = time.perf_counter()
     out = config.out or config.default_out()
     if save:

@@ -43,6 +43,7 @@ VARIANTS = {  # name -> FinetuneConfig overrides
     "lm-full-lr2e-4": dict(loss="lm", full=True, lr=2e-4),
     "lm-lora-lr1e-3": dict(loss="lm", lr=1e-3),
     "kd-lora-t2": dict(loss="kd", temperature=2.0),
+    "kd-lora-t4": dict(loss="kd", temperature=4.0),
 }
 COLUMNS = ["model", "steps", "sequences", "wikitext2 ppl", "5-task avg", "held-out ppl", "KL to dense", "fine-tune s"]
 

@@ -121,6 +121,16 @@ def test_run_json_keeps_the_flat_config_keys(tiny_dir, tmp_path):
     assert PruneConfig.from_flat(**flat).to_dict() == flat  # the record rebuilds the same config
 
 
+@pytest.mark.parametrize("method, extra, expect", [("cka", dict(layers=1), 64),
+                                                   ("cka", dict(layers=1, depth_seq_len=16), 16),
+                                                   ("width", dict(ratio=0.2), None)])
+def test_run_json_records_the_search_tokens_that_ran(tiny_dir, tmp_path, method, extra, expect):
+    """--depth-seq-len unset is resolved per method before the run, so run.json says what the search used."""
+    out = tmp_path / "o"
+    prune(PruneConfig.from_flat(model=str(tiny_dir()), out=str(out), method=method, **extra, **SMALL))
+    assert json.loads((out / "run.json").read_text())["config"]["depth_seq_len"] == expect
+
+
 def test_a_refit_from_too_few_calibration_tokens_is_noted(tiny_dir):
     from amp_prune.refit import refit_token_notes
     assert refit_token_notes({"intermediate": 96}, 384) == []
