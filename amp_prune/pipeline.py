@@ -106,18 +106,20 @@ def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePl
 SEARCH_SEQ_LEN = {"cka": 64, "hybrid": 128}
 
 
+def _search_seq_len(config: PruneConfig) -> int | None:
+    """``--depth-seq-len``, or the method's default when unset (None for methods without a block search)."""
+    return SEARCH_SEQ_LEN.get(config.method) if config.depth.depth_seq_len is None else config.depth.depth_seq_len
+
+
 def _with_method_defaults(config: PruneConfig) -> PruneConfig:
     """``config`` with the defaults that depend on the method filled in, so that ``run.json`` records what ran."""
-    if config.depth.depth_seq_len is None and config.method in SEARCH_SEQ_LEN and not config.plan:
-        return replace(config, depth=replace(config.depth, depth_seq_len=SEARCH_SEQ_LEN[config.method]))
-    return config
+    unset = config.depth.depth_seq_len is None and not config.plan
+    return replace(config, depth=replace(config.depth, depth_seq_len=_search_seq_len(config))) if unset else config
 
 
 def _search_batches(calib: list[Batch], job: Job) -> list[Batch]:
     """The calibration sequences the block search uses: ``--depth-samples`` x ``--depth-seq-len``."""
-    d = job.config.depth
-    seq_len = d.depth_seq_len if d.depth_seq_len is not None else SEARCH_SEQ_LEN[job.config.method]
-    return depth_batches(calib, d.depth_samples or None, seq_len or None)
+    return depth_batches(calib, job.config.depth.depth_samples or None, _search_seq_len(job.config) or None)
 
 
 def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
