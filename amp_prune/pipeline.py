@@ -12,20 +12,17 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.data import Batch, build_batches, check_source
+from amp_prune.calib.data import Batch, build_batches
+from amp_prune.checks import Inputs, check_inputs, check_model
 from amp_prune.config import CalibConfig, PruneConfig
-from amp_prune.depth.cache import depth_batches
-from amp_prune.depth.hybrid import plan_hybrid
-from amp_prune.depth.search import plan_depth, search_dtype
-from amp_prune.errors import AmpPruneError
-from amp_prune.eval.harness import check_tasks, evaluate_model, split_eval_spec
+from amp_prune.eval.agreement import runner_logit_diff, tolerance
+from amp_prune.eval.harness import evaluate_model
 from amp_prune.eval.perplexity import perplexity
 from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
@@ -34,12 +31,11 @@ from amp_prune.io.hub import push_folder, source_metadata
 from amp_prune.io.load import DEMO_ALIAS, LoadedModel, resolve_device, resolve_dtype
 from amp_prune.io.offload import load_placed
 from amp_prune.plan import PrunePlan
+from amp_prune.planners import PLANNERS, with_method_defaults
 from amp_prune.refit import compute_weights, refit_token_notes
 from amp_prune.report import plot_steps
 from amp_prune.surgery import apply_plan
-from amp_prune.width.budget import count_params, effective_mode, unit_costs
-from amp_prune.width.criteria import ScoreContext
-from amp_prune.width.planner import plan_width, split_budgets
+from amp_prune.width.budget import count_params
 
 log = logging.getLogger(__name__)
 
@@ -62,30 +58,6 @@ class PruneResult:
 
 
 @dataclass
-class Inputs:
-    """What the check stage read from disk (no model needed): the replayed plan, eval request, bias items."""
-
-    plan: PrunePlan | None = None
-    eval_kwargs: dict | None = None
-    bias_data: object | None = None
-
-
-@dataclass
-class Job:
-    """A request known to be feasible for the loaded model: what the planners need besides the model and data."""
-
-    config: PruneConfig
-    spec: ArchSpec
-    device: torch.device
-    mode: str  # the GQA mode in effect (MHA models use group)
-    n_blocks: int | None = None  # blocks to drop (cka)
-    notes: list[str] = field(default_factory=list)
-
-    def ctx(self) -> ScoreContext:
-        return ScoreContext(device=self.device, seed=self.config.calib.seed, progress=self.config.runtime.progress)
-
-
-@dataclass
 class Measures:
     """Perplexity, lm-eval results and bias report of one model (dense or pruned)."""
 
@@ -94,136 +66,20 @@ class Measures:
     bias: dict | None = None
 
 
-# ---- planners: one per method, each (model, calibration batches, job) -> PrunePlan ------------------
-def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
-    c = job.config
-    return plan_width(model, job.spec, calib, ratio=c.ratio, mode=job.mode, criterion=c.width.criterion, ctx=job.ctx(),
-                      attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
-
-
-# --depth-seq-len by method, as measured on SmolLM2 (docs/benchmarks.md, docs/results.md): 64 keeps the CKA
-# search's blocks as good at half the time; hybrid at 0.3 drops more blocks at 64 and ends 13% worse (187.5 vs 166.2)
-SEARCH_SEQ_LEN = {"cka": 64, "hybrid": 128}
-
-
-def _search_seq_len(config: PruneConfig) -> int | None:
-    """``--depth-seq-len``, or the method's default when unset (None for methods without a block search)."""
-    return SEARCH_SEQ_LEN.get(config.method) if config.depth.depth_seq_len is None else config.depth.depth_seq_len
-
-
-def _with_method_defaults(config: PruneConfig) -> PruneConfig:
-    """``config`` with the defaults that depend on the method filled in, so that ``run.json`` records what ran."""
-    unset = config.depth.depth_seq_len is None and not config.plan
-    return replace(config, depth=replace(config.depth, depth_seq_len=_search_seq_len(config))) if unset else config
-
-
-def _search_batches(calib: list[Batch], job: Job) -> list[Batch]:
-    """The calibration sequences the block search uses: ``--depth-samples`` x ``--depth-seq-len``."""
-    return depth_batches(calib, job.config.depth.depth_samples or None, _search_seq_len(job.config) or None)
-
-
-def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
-    c = job.config
-    plan = plan_depth(model, job.spec, _search_batches(calib, job), job.n_blocks, device=job.device,
-                      criterion=c.depth.layer_criterion, iterative=not c.depth.one_shot,
-                      representation=c.depth.representation, cache=c.depth.depth_cache, rescore=c.depth.rescore,
-                      ratio=c.ratio, dtype=c.depth.depth_dtype, progress=c.runtime.progress)
-    cast = search_dtype(model, job.device, c.depth.depth_dtype)
-    if cast is not None:
-        job.notes.append(f"the block search ran in {str(cast).replace('torch.', '')} (autocast; --depth-dtype "
-                         f"{c.depth.depth_dtype}); --depth-dtype model keeps the model's dtype")
-    plan.standin = c.depth.stand_in
-    plan.standin_damp = c.depth.standin_ridge if c.depth.stand_in else None
-    plan.standin_form = c.depth.standin_form
-    return plan
-
-
-def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
-    c = job.config
-    return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
-                       representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
-                       attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
-                       standin_damp=c.depth.standin_ridge, standin_form=c.depth.standin_form,
-                       compare_refit=c.depth.compare_refit,
-                       search_batches=_search_batches(calib, job), cache=c.depth.depth_cache)
-
-
-PLANNERS: dict[str, Callable[[torch.nn.Module, list[Batch], Job], PrunePlan]] = {
-    "width": _plan_width, "cka": _plan_cka, "hybrid": _plan_hybrid}
-
-
 # ---- stages --------------------------------------------------------------------------------------------
-def check_inputs(config: PruneConfig) -> Inputs:
-    """Read and check every input file and name the run will need, before any model is loaded."""
-    c = config
-    check_source(c.calib.calib)
-    if c.calib.eval_text is not None:
-        check_source(c.calib.eval_text, "--eval-text")
-    inputs = Inputs()
-    if c.plan is not None:
-        if not Path(c.plan).is_file():
-            raise AmpPruneError(f"plan file not found: {c.plan}")
-        inputs.plan = PrunePlan.load(c.plan)
-        if inputs.plan.needs_weights:
-            if not inputs.plan.calibration:
-                raise AmpPruneError(f"{c.plan} has a refit or stand-in but no recorded calibration settings")
-            check_source(inputs.plan.calibration["calib"])
-    if c.eval.eval_tasks is not None:
-        tasks, ppl = split_eval_spec(c.eval.eval_tasks)
-        check_tasks(tasks, ppl, c.eval.data_dir)
-        inputs.eval_kwargs = {"tasks": tasks, "ppl": ppl, "data_dir": c.eval.data_dir, "limit": c.eval.eval_limit,
-                              "ppl_max_windows": c.eval.ppl_windows, "batch_size": c.calib.batch_size,
-                              "seed": c.calib.seed, "progress": c.runtime.progress}
-    if c.bias.bias_check is not None:
-        from bias_probe import BiasProbeError, load
-        from bias_probe.probe import check_request
-        dataset, _, attribute = c.bias.bias_check.partition(":")
-        try:  # loaded once here, so the dense and the pruned model see the same sample
-            inputs.bias_data = load(dataset, attribute or None, data_dir=c.eval.data_dir, limit=c.bias.bias_limit,
-                                    seed=c.calib.seed)
-            check_request(inputs.bias_data, batch_size=c.calib.batch_size, seed=c.calib.seed)
-        except BiasProbeError as e:
-            raise AmpPruneError(f"--bias-check: {e}") from None
-    return inputs
+def check_runner(model: torch.nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device,
+                 dtype: torch.dtype) -> float:
+    """The block runner's logits against the model's own forward on ``batches``; raises when they disagree.
 
-
-def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device: torch.device) -> Job:
-    """Refuse a request this model cannot satisfy (cheap arithmetic on its shapes, no forward pass)."""
-    model, spec = loaded.model, loaded.spec
-    dims = spec.dims(model.config)
-    job = Job(config=config, spec=spec, device=device, mode=effective_mode(model, spec, config.width.gqa_mode))
-    if inputs.plan is not None:
-        inputs.plan.check(model.config.model_type, dims)
-        return job
-    if job.mode != config.width.gqa_mode and config.method != "cka":
-        job.notes.append("the model has one query head per KV head (MHA): using --gqa-mode group")
-    total, n = count_params(model), dims["n_layers"]
-    block = count_params(spec.get_layers(model)[0])
-    if config.method == "width":
-        split_budgets(model, spec, config.ratio, job.mode, config.width.split)
-    elif config.method == "cka":
-        if config.depth.layers is not None:
-            job.n_blocks = config.depth.layers
-            if not 0 < job.n_blocks < n:
-                raise AmpPruneError(f"--layers must be between 1 and {n - 1} for a model with {n} blocks "
-                                    f"(got {job.n_blocks})")
-        else:
-            want = round(config.ratio * total / block)
-            if want > n - 1:
-                raise AmpPruneError(f"--ratio {config.ratio} with --method cka asks for {want} blocks but at most "
-                                    f"{n - 1} of {n} can be dropped (ratio <= {(n - 1) * block / total:.2f}); "
-                                    "lower --ratio or use --method hybrid")
-            job.n_blocks = max(want, 1)
-            job.notes.append(f"--ratio {config.ratio} with --method cka: dropping {job.n_blocks} of {n} blocks "
-                             f"(one block is {block / total:.2%} of the parameters)")
-    else:
-        unit, n_units, chan = unit_costs(model, spec, job.mode)
-        most = (n - 1) * block + (n_units - 1) * unit + (dims["intermediate"] - 1) * chan
-        if config.ratio * total > most:
-            raise AmpPruneError(f"--ratio {config.ratio} asks for {config.ratio * total / 1e6:.1f}M parameters but "
-                                f"dropping {n - 1} blocks and narrowing the last can give at most {most / 1e6:.1f}M "
-                                f"({most / total:.2f} of the model); lower --ratio")
-    return job
+    Every score, refit, search and perplexity goes through the runner, so this runs once per run, on the dense
+    model, before any of them. Returns the max |difference|.
+    """
+    diff = runner_logit_diff(model, spec, batches, device)
+    if not diff <= tolerance(dtype):
+        raise RuntimeError(f"the block runner's logits differ from {type(model).__name__}'s own forward by {diff:.3g} "
+                           f"(> {tolerance(dtype)}): amp-prune would score and prune this model wrongly, so it stops "
+                           "here; please report it with the model's config.json")
+    return diff
 
 
 def calibrate(config: PruneConfig, tokenizer, c: CalibConfig | None = None) -> tuple[list[Batch], list[Batch]]:
@@ -306,7 +162,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     ``keep_dense`` keeps a copy of the unpruned model in ``result.dense`` (a distillation teacher).
     """
     config.validate()
-    config = _with_method_defaults(config)
+    config = with_method_defaults(config)
     t0 = time.perf_counter()
     out = config.out or config.default_out()
     if save:
@@ -329,6 +185,9 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     timings["calibration_data_s"] = time.perf_counter() - t
     if not config.plan and config.method != "cka" and config.width.refit != "none":
         job.notes += refit_token_notes(spec.dims(model.config), sum(b.num_tokens for b in calib))
+    t = time.perf_counter()
+    timings["runner_check_max_abs_diff"] = check_runner(model, spec, calib[:1], device, dtype)
+    timings["runner_check_s"] = time.perf_counter() - t
     before = _shape(model, spec)
     dense = measure(model, loaded, held, inputs, config, device, "dense", timings)
 
@@ -374,7 +233,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
             files["eval.json"] = summary["eval"]
         if "bias_check" in summary:
             files["bias_check.json"] = summary["bias_check"]
-        check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device, spec=spec,
+        check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device,
                        files=files, card=lambda diff: model_card(summary, diff),
                        writers=[lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else None,
                        overwrite=config.overwrite, input_path=loaded.path)

@@ -30,7 +30,7 @@ from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import capture_inputs, run_blocks
 from amp_prune.calib.data import Batch, leading_rows
 from amp_prune.depth.standin import fit_standins, spans
-from amp_prune.io.offload import materialized
+from amp_prune.placement import materialized
 from amp_prune.plan import PrunePlan
 from amp_prune.width.sweep import PROXY_TOKENS, Candidate, calib_kl, kept_columns, substituted, sweep
 

@@ -15,7 +15,8 @@ from torch import nn
 
 from amp_prune.arch import ArchSpec, get_spec
 from amp_prune.errors import AmpPruneError
-from amp_prune.io.offload import detach, device_map_after_surgery, is_offloaded, keep_on_disk, offload_home
+from amp_prune.io.offload import device_map_after_surgery, keep_on_disk
+from amp_prune.placement import detach, is_offloaded, offload_home
 from amp_prune.plan import LayerPlan, PrunePlan, kept
 
 
@@ -74,6 +75,9 @@ def prune_block(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, in
     for lin, rows in spec.qkv_rows(attn, d, q_rows, _rows(kept_kv, hd)):
         shrink_linear(lin, keep_out=rows)
     shrink_linear(spec.o_proj(layer), keep_in=q_rows)
+    for norm, rows in spec.head_norm_rows(attn, d, kept_heads, kept_kv):  # q/k norms spanning heads (OLMo 2, Cohere)
+        norm.weight = nn.Parameter(norm.weight.index_select(0, rows.to(norm.weight.device)).contiguous(),
+                                   requires_grad=norm.weight.requires_grad)
     n_q, n_kv = len(kept_heads), len(kept_kv)
     _set_attrs(attn, spec.attn_attrs, {"num_key_value_groups": n_q // n_kv, "num_key_value_heads": n_kv, "head_dim": hd})
     for lin, rows in spec.gate_up_rows(mlp, d, kept_ch):

@@ -167,7 +167,7 @@ def main() -> None:
         res["achieved_ratio"] = 1 - res["params_after"] / res["params_before"]
         pruned_dir = Path(tmp) / "pruned"
         with measure(ph, "export + reload check", device):
-            check = export(model, tok, pruned_dir, check_batches=calib[:1], device=device, spec=spec)
+            check = export(model, tok, pruned_dir, check_batches=calib[:1], device=device)
         res["export"] = {"class": check.exported_class, "max_abs_diff": check.max_abs_diff, "ok": check.ok}
         save()
         if use_vllm:

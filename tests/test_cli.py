@@ -76,7 +76,7 @@ def test_unsupported_architecture(tmp_path):
     GPT2LMHeadModel(GPT2Config(n_layer=1, n_embd=16, n_head=2, vocab_size=50)).save_pretrained(d)
     proc = run_cli(d, "--out", tmp_path / "o")
     assert_one_line_error(proc, "unsupported architecture 'gpt2'")
-    assert "llama, mistral, phi3, qwen2, qwen3" in proc.stderr
+    assert "gemma3_text, glm, granite, helium, llama, mistral, olmo2, phi3, qwen2, qwen3, smollm3" in proc.stderr
     assert not (tmp_path / "o").exists()
 
 

@@ -14,6 +14,7 @@ from tiny import tiny_model
 import amp_prune.pipeline as pipeline
 from amp_prune import PLANNERS, PruneConfig, prune
 from amp_prune.calib.blockwise import BlockInputs
+from amp_prune.checks import Inputs, check_model
 from amp_prune.errors import AmpPruneError
 from amp_prune.io.load import load_model
 
@@ -84,7 +85,7 @@ def test_every_planner_returns_a_plan_and_leaves_the_model(tiny_dir, method, ext
     cfg = lm.model.config.to_dict()
     config = PruneConfig.from_flat(model="x", method=method, **{**SMALL, **extra})
     calib, _ = pipeline.calibrate(config, lm.tokenizer)
-    job = pipeline.check_model(config, lm, pipeline.Inputs(), torch.device("cpu"))
+    job = check_model(config, lm, Inputs(), torch.device("cpu"))
     plan = PLANNERS[method](lm.model, calib, job)
     assert plan.method == method and plan.layers
     now = lm.model.state_dict()
@@ -109,7 +110,7 @@ def test_block_runner_passes_no_cache_arguments(tiny_dir):
     lm = load_model(str(tiny_dir()), device="cpu")
     (inputs,) = capture_inputs(lm.model, lm.spec, to_batches([[5, 6, 7, 8]], 1, 3), torch.device("cpu"))
     assert isinstance(inputs, BlockInputs)
-    assert not {"cache", "past_key_values", "past_key_value", "use_cache"} & set(inputs.kwargs)
+    assert all(not {"cache", "past_key_values", "past_key_value", "use_cache"} & set(kw) for kw in inputs.layer_kwargs)
 
 
 def test_run_json_keeps_the_flat_config_keys(tiny_dir, tmp_path):
@@ -141,3 +142,14 @@ def test_a_refit_from_too_few_calibration_tokens_is_noted(tiny_dir):
     plain = prune(PruneConfig.from_flat(model=src, ratio=0.3, refit="none", **SMALL), save=False)
     enough = prune(PruneConfig.from_flat(model=src, ratio=0.3, **{**SMALL, "num_samples": 16}), save=False)
     assert not any("calibration tokens" in n for n in plain.summary["notes"] + enough.summary["notes"])
+
+
+def test_a_runner_that_disagrees_with_the_stock_forward_stops_the_run(tiny_dir, tmp_path, monkeypatch):
+    """Once per run the runner's logits are compared with the model's own forward, before any planning."""
+    import amp_prune.calib.blockwise as blockwise
+    right = blockwise.block_forward
+    monkeypatch.setattr(blockwise, "block_forward", lambda layer, i, s: right(layer, i, s) + (0.1 if i == 2 else 0))
+    monkeypatch.setitem(pipeline.PLANNERS, "width", lambda *a: pytest.fail("planning ran"))
+    with pytest.raises(RuntimeError, match="block runner's logits differ from LlamaForCausalLM's own forward"):
+        prune(PruneConfig.from_flat(model=str(tiny_dir()), out=str(tmp_path / "o"), **SMALL))
+    assert not (tmp_path / "o").exists()

@@ -13,7 +13,7 @@ from amp_prune.arch import get_spec
 from amp_prune.width.criteria import ScoreContext, get_criterion
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import LayerPlan, PrunePlan
-from amp_prune.width.budget import compute_budget, count_params, effective_mode
+from amp_prune.width.budget import attn_options, compute_budget, count_params, effective_mode
 from amp_prune.width.planner import make_plan
 from amp_prune.surgery import apply_plan
 
@@ -52,8 +52,15 @@ def logits(model, batch):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_pruned_equals_zeroed(family, mode):
     model = tiny_model(family)
+    if family == "olmo2":  # test_olmo2_head_norms_follow_the_kept_heads instead
+        pytest.skip("OLMo 2 normalizes q and k over all heads together, so removing heads is not zeroing them")
     plan = build_plan(model, mode)
-    assert any(lp.heads for lp in plan.layers) and any(lp.channels for lp in plan.layers)
+    spec = get_spec(model.config.model_type)
+    # heads go wherever the family can express fewer (not Helium; not group mode with one KV group, as Gemma 3)
+    can_remove_heads = max(attn_options(model, spec, effective_mode(model, spec, mode))) > 0
+    assert can_remove_heads == (family != "helium" and not (mode == "group" and family == "gemma3_text"))
+    assert any(lp.channels for lp in plan.layers)
+    assert any(lp.heads for lp in plan.layers) == can_remove_heads
     ref = zero_units(model, plan)
     before = count_params(model)
     apply_plan(model, plan)
@@ -76,16 +83,37 @@ def test_config_matches_tensor_shapes(family, mode):
         kv_out = d["n_kv"] * d["head_dim"]
         if spec.qkv:
             assert attn.qkv_proj.weight.shape == (q_out + 2 * kv_out, d["hidden"])
-            assert mlp.gate_up_proj.weight.shape == (2 * d["intermediate"], d["hidden"])
         else:
             assert attn.q_proj.weight.shape == (q_out, d["hidden"]) == (attn.q_proj.out_features, attn.q_proj.in_features)
             assert attn.k_proj.weight.shape == attn.v_proj.weight.shape == (kv_out, d["hidden"])
-            assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (d["intermediate"], d["hidden"])
             if attn.q_proj.bias is not None:
                 assert attn.q_proj.bias.shape == (q_out,)
+        if spec.gate_up:
+            assert mlp.gate_up_proj.weight.shape == (2 * d["intermediate"], d["hidden"])
+        else:
+            assert mlp.gate_proj.weight.shape == mlp.up_proj.weight.shape == (d["intermediate"], d["hidden"])
+        for name, n in (("q_norm", d["n_heads"]), ("k_norm", d["n_kv"])):  # norms that span heads follow them
+            w = getattr(getattr(attn, name, None), "weight", None)
+            if w is not None:
+                assert tuple(w.shape) in {(d["head_dim"],), (n * d["head_dim"],), (n, d["head_dim"])}, (name, w.shape)
         assert attn.o_proj.weight.shape == (d["hidden"], q_out) and attn.o_proj.in_features == q_out
         assert mlp.down_proj.weight.shape == (d["hidden"], d["intermediate"])
         assert attn.num_key_value_groups == d["n_heads"] // d["n_kv"]
+
+
+@pytest.mark.parametrize("mode", ["group", "heads"])
+def test_olmo2_head_norms_follow_the_kept_heads(mode):
+    """OLMo 2's q_norm/k_norm weights are [n * head_dim]: the pruned ones are the kept heads' slices, in order."""
+    model = tiny_model("olmo2")  # 4 heads, 2 KV heads of 16
+    plan = build_plan(model, mode)
+    dense = copy.deepcopy(model)
+    apply_plan(model, plan)
+    hd = plan.dims["head_dim"]
+    for lp in plan.layers:
+        for name, gone, n in (("q_norm", lp.heads, 4), ("k_norm", lp.kv_heads, 2)):
+            want = torch.cat([getattr(dense.model.layers[lp.layer].self_attn, name).weight[h * hd:(h + 1) * hd]
+                              for h in range(n) if h not in gone])
+            assert torch.equal(getattr(model.model.layers[lp.layer].self_attn, name).weight, want)
 
 
 def test_mode_changes_what_is_removed():

@@ -6,8 +6,9 @@ import string
 
 import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
-from transformers import (AutoModelForCausalLM, LlamaConfig, MistralConfig, Phi3Config, PreTrainedTokenizerFast,
-                          Qwen2Config, Qwen3Config)
+from transformers import (AutoModelForCausalLM, Cohere2Config, CohereConfig, Exaone4Config, Gemma2Config, GemmaConfig,
+                          Gemma3TextConfig, GlmConfig, GraniteConfig, HeliumConfig, LlamaConfig, MistralConfig,
+                          Olmo2Config, Phi3Config, PreTrainedTokenizerFast, Qwen2Config, Qwen3Config, SmolLM3Config)
 
 VOCAB = 128
 
@@ -39,6 +40,37 @@ CONFIGS = {
     "phi3": lambda: Phi3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
 }
 
+# families with per-layer attention types get a window shorter than the test batches (up to 40 tokens) and
+# a mix of layer types, so a runner that hands every block block 0's mask or rotary tables is caught
+WINDOW = 8
+SLIDING_FULL = ["sliding_attention", "full_attention", "sliding_attention"]
+MORE_CONFIGS = {
+    "gemma": lambda: GemmaConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "gemma2": lambda: Gemma2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                   sliding_window=WINDOW, layer_types=SLIDING_FULL, query_pre_attn_scalar=16,
+                                   final_logit_softcapping=3.0, attn_logit_softcapping=5.0),
+    # the Gemma 3 270M layout: one KV head, head_dim * heads != hidden, two RoPE bases
+    "gemma3_text": lambda: Gemma3TextConfig(**COMMON, num_attention_heads=4, num_key_value_heads=1, head_dim=32,
+                                            sliding_window=WINDOW, layer_types=SLIDING_FULL, query_pre_attn_scalar=32,
+                                            rope_parameters={"sliding_attention": {"rope_type": "default",
+                                                                                   "rope_theta": 10.0},
+                                                             "full_attention": {"rope_type": "default",
+                                                                                "rope_theta": 10000.0}}),
+    "olmo2": lambda: Olmo2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2),
+    "exaone4": lambda: Exaone4Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, sliding_window=WINDOW,
+                                     layer_types=SLIDING_FULL),
+    "granite": lambda: GraniteConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, residual_multiplier=0.5,
+                                     embedding_multiplier=3.0, attention_multiplier=0.2, logits_scaling=2.0),
+    "helium": lambda: HeliumConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "smollm3": lambda: SmolLM3Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, no_rope_layers=[1, 0, 1]),
+    "glm": lambda: GlmConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16),
+    "cohere": lambda: CohereConfig(**COMMON, num_attention_heads=4, num_key_value_heads=2, use_qk_norm=True,
+                                   logit_scale=0.5),
+    "cohere2": lambda: Cohere2Config(**COMMON, num_attention_heads=4, num_key_value_heads=2, head_dim=16,
+                                     sliding_window=WINDOW, layer_types=SLIDING_FULL),
+}
+CONFIGS.update(MORE_CONFIGS)
+
 
 def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, layers: int | None = None):
     """A randomly initialised tiny model of family ``kind`` with non-trivial biases/norms."""
@@ -46,8 +78,10 @@ def tiny_model(kind: str, seed: int = 0, dtype=torch.float32, layers: int | None
     cfg = CONFIGS[kind]()
     if layers is not None:
         cfg.num_hidden_layers = layers
-        if getattr(cfg, "layer_types", None) is not None:
-            cfg.layer_types = [cfg.layer_types[0]] * layers
+        for name in ("layer_types", "no_rope_layers"):  # per-layer lists: the pattern repeats
+            value = getattr(cfg, name, None)
+            if value is not None:
+                setattr(cfg, name, [value[i % len(value)] for i in range(layers)])
     model = AutoModelForCausalLM.from_config(cfg, dtype=dtype).eval()
     with torch.no_grad():
         for name, p in model.named_parameters():

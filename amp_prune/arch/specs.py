@@ -1,10 +1,16 @@
-"""Architecture specs: where the prunable projections of each model family live.
+"""Architecture specs: where the prunable projections of each model family live, and how its block adds them.
 
 Every other module asks an :class:`ArchSpec` for modules, weight slices and config fields
 instead of hard-coding names such as ``q_proj`` or ``intermediate_size``. Fused families
-(Phi-3) keep ``[q | k | v]`` rows in one ``qkv_proj`` and ``[gate | up]`` rows in one
+(Phi-3, GLM) keep ``[q | k | v]`` rows in one ``qkv_proj`` and/or ``[gate | up]`` rows in one
 ``gate_up_proj``; the methods below hide that difference from scoring, budgeting, surgery
-and fine-tuning.
+and fine-tuning. The specs themselves, one per family group, are in :mod:`amp_prune.arch.families`.
+
+What reaches the residual stream from a projection's output ``u`` ``[N, H]`` (:meth:`ArchSpec.branch`):
+
+* pre-norm blocks (Llama): ``u``;
+* with a residual multiplier ``r`` (Granite): ``r * u``;
+* with a post-norm (Gemma 2/3, OLMo 2, EXAONE 4): ``N(u) = w * u / sqrt(mean_j u_j^2 + eps)``, per token.
 """
 
 from __future__ import annotations
@@ -48,6 +54,13 @@ class ArchSpec:
     inter_field: str = "intermediate_size"
     n_layers_field: str = "num_hidden_layers"
     per_layer_fields: tuple[str, ...] = ("layer_types",)  # config lists with one entry per block
+    # ---- how the block adds its branches, and how the head forms logits (see the module docstring) ----
+    post_norms: tuple[str, str] | None = None  # block norms applied to o_proj's / down_proj's output before the add
+    head_norms: tuple[str, str] | None = None  # attention's q/k norms; sliced by surgery where they span heads
+    residual_multiplier: str | None = None  # config field r: the block adds r * branch (Granite)
+    logit_scale: str | None = None  # config field multiplying the logits (Cohere)
+    logit_divisor: str | None = None  # config field dividing the logits (Granite)
+    logit_softcap: str | None = None  # config field cap: logits -> cap * tanh(logits / cap) (Gemma 2)
 
     # ---- module access -------------------------------------------------------------
     def get_layers(self, model: nn.Module) -> nn.ModuleList:
@@ -73,6 +86,52 @@ class ArchSpec:
         """Every attention and MLP projection (LoRA targets): q/k/v or qkv, o, gate/up or gate_up, down."""
         names = [self.qkv] if self.qkv else [self.q, self.k, self.v]
         return names + [self.o] + ([self.gate_up] if self.gate_up else [self.gate, self.up]) + [self.down]
+
+    def post_norm(self, layer: nn.Module, which: str) -> nn.Module | None:
+        """The norm applied to ``o_proj``'s (``which="o"``) or ``down_proj``'s output before the residual add."""
+        if self.post_norms is None:
+            return None
+        return _get(layer, self.post_norms[0 if which == "o" else 1])
+
+    def branch(self, layer: nn.Module, which: str, u: torch.Tensor, config) -> torch.Tensor:
+        """What the residual stream receives from projection output ``u`` ``[..., H]`` (module docstring)."""
+        norm = self.post_norm(layer, which)
+        if norm is not None:
+            u = norm(u)
+        if self.residual_multiplier is not None:
+            u = u * float(getattr(config, self.residual_multiplier))
+        return u
+
+    def branch_target(self, layer: nn.Module, which: str, delta: torch.Tensor, u: torch.Tensor, config) -> torch.Tensor:
+        """A projection output ``[N, H]`` whose branch adds ``delta`` ``[N, H]`` to the residual (inverse of :meth:`branch`).
+
+        Exact for ``u`` and ``r * u``. A post-norm fixes each token's magnitude, so only a direction can be
+        matched: the target keeps the current output ``u``'s scale, ``delta / w * rms(u)`` (``w`` the norm's
+        per-channel weight; where ``|w|`` is below 1e-3 of its mean, ``u`` is kept), which is ``u`` again when
+        ``delta = N(u)``.
+        """
+        norm = self.post_norm(layer, which)
+        if norm is not None:
+            eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+            ones = torch.ones(1, delta.shape[-1], dtype=torch.float32, device=delta.device)
+            w = (norm(ones.to(next(norm.parameters()).dtype)).float() * (1 + eps) ** 0.5).to(delta.dtype)[0]
+            rms = u.pow(2).mean(-1, keepdim=True).add(eps).sqrt()
+            ok = w.abs() > 1e-3 * w.abs().mean()
+            return torch.where(ok, delta / torch.where(ok, w, torch.ones_like(w)) * rms, u)
+        if self.residual_multiplier is not None:
+            return delta / float(getattr(config, self.residual_multiplier))
+        return delta
+
+    def logit_transform(self, config, logits: torch.Tensor) -> torch.Tensor:
+        """The family's map from ``lm_head``'s output to the logits (identity for Llama)."""
+        if self.logit_scale is not None:
+            logits = logits * float(getattr(config, self.logit_scale))
+        if self.logit_divisor is not None:
+            logits = logits / float(getattr(config, self.logit_divisor))
+        cap = getattr(config, self.logit_softcap, None) if self.logit_softcap is not None else None
+        if cap:
+            logits = torch.tanh(logits / cap) * cap
+        return logits
 
     # ---- layout of the rows a unit owns ------------------------------------------------
     def query_weight(self, attn: nn.Module, d: dict[str, int]) -> torch.Tensor:
@@ -101,6 +160,28 @@ class ArchSpec:
             q_len, kv_len = d["n_heads"] * d["head_dim"], d["n_kv"] * d["head_dim"]
             return [(_get(attn, self.qkv), torch.cat([q_rows, q_len + kv_rows, q_len + kv_len + kv_rows]))]
         return [(_get(attn, self.q), q_rows), (_get(attn, self.k), kv_rows), (_get(attn, self.v), kv_rows)]
+
+    def head_norm_rows(self, attn: nn.Module, d: dict[str, int], q_heads: list[int],
+                       kv_heads: list[int]) -> list[tuple[nn.Module, torch.Tensor]]:
+        """(q/k norm, kept rows of its weight) for every attention norm whose weight spans heads.
+
+        A weight ``[n * head_dim]`` (OLMo 2) keeps the kept heads' ``head_dim`` slices, one ``[n, head_dim]``
+        (Cohere) keeps rows; one ``[head_dim]`` is shared by all heads (Gemma 3, Qwen 3) and stays.
+        """
+        hd, out = d["head_dim"], []
+        for name, keep, n in zip(self.head_norms or (), (q_heads, kv_heads), (d["n_heads"], d["n_kv"])):
+            norm = getattr(attn, name, None)  # Cohere builds them only with use_qk_norm
+            w = getattr(norm, "weight", None)
+            if w is None or (w.dim() == 1 and w.shape[0] == hd):
+                continue
+            if w.dim() == 2 and w.shape[0] == n:
+                out.append((norm, torch.tensor(keep, dtype=torch.long)))
+            elif w.dim() == 1 and w.shape[0] == n * hd:
+                out.append((norm, torch.tensor([h * hd + j for h in keep for j in range(hd)], dtype=torch.long)))
+            else:
+                raise AmpPruneError(f"{type(attn).__name__}.{name} has weight shape {tuple(w.shape)}, which does not "
+                                    f"follow {n} heads of {hd}; please report it")
+        return out
 
     def gate_up_rows(self, mlp: nn.Module, d: dict[str, int],
                      channels: torch.Tensor) -> list[tuple[nn.Linear, torch.Tensor]]:
@@ -169,22 +250,3 @@ def _get(root: nn.Module, dotted: str) -> nn.Module:
             raise AmpPruneError(f"{type(root).__name__} has no '{dotted}' ('{part}' is missing): the model does not "
                                 "have the layout its architecture spec expects; please report it") from None
     return mod
-
-
-_LLAMA_LIKE = ArchSpec(model_types=("llama", "mistral", "qwen2", "qwen3"))
-_PHI3 = ArchSpec(model_types=("phi3",), q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj",
-                 attn_attrs=("num_key_value_groups", "num_key_value_heads", "head_dim"), mlp_attrs=())
-
-_SPECS: dict[str, ArchSpec] = {t: s for s in (_LLAMA_LIKE, _PHI3) for t in s.model_types}
-SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_SPECS))
-
-
-def get_spec(model_type: str) -> ArchSpec:
-    """Return the spec of ``model_type`` or raise a one-line error naming the supported ones."""
-    try:
-        return _SPECS[model_type]
-    except KeyError:
-        raise AmpPruneError(
-            f"unsupported architecture '{model_type}': amp-prune supports "
-            f"{', '.join(SUPPORTED_MODEL_TYPES)}; open an issue to request another family"
-        ) from None

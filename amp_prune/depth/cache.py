@@ -18,7 +18,7 @@ and places the cache as ``--depth-cache`` says:
 - ``auto``: ``device`` when the estimate is at most a quarter of the device's free memory (host
   RAM on CPU), else ``cpu`` when it is at most half the available host RAM, else ``disk``.
 
-Layer kwargs (rotary tables, masks) are the same objects for every block and are kept once.
+Block arguments (rotary tables, masks; one set per layer type) are shared objects, kept once per batch.
 """
 
 from __future__ import annotations
@@ -102,7 +102,7 @@ class StateCache:
     def __init__(self, placement: str, device: torch.device, *, changes: bool = False) -> None:
         self.placement, self.device, self.track = placement, device, changes
         self._hidden: dict[int, list[torch.Tensor]] = {}
-        self._meta: dict[int, list[tuple[dict, torch.Tensor]]] = {}
+        self._meta: dict[int, list[tuple[list[dict], torch.Tensor]]] = {}
         self._tmp = tempfile.TemporaryDirectory(prefix="amp-prune-depth-") if placement == "disk" else None
         self.changes: dict[int, tuple[float, float]] = {}
         self._last: tuple[int, list[torch.Tensor]] | None = None
@@ -123,7 +123,7 @@ class StateCache:
             b = torch.cat([s.hidden[s.mask] for s in states])
             self.changes[j] = (angular_distance(a, b).mean().item(), block_influence(a, b).mean().item())
         self._last = (i, hidden)
-        self._meta[i] = [(s.kwargs, s.mask) for s in states]
+        self._meta[i] = [(s.layer_kwargs, s.mask) for s in states]
         if self.placement == "device" or i == self.final_key:
             self._hidden[i] = hidden
         elif self.placement == "cpu":

@@ -1,17 +1,22 @@
 """A least-squares stand-in for each span of dropped blocks, fitted into the last kept block's ``down_proj``.
 
 For a maximal span of dropped blocks ``a..b`` (``a >= 1``), block ``a-1`` is the last kept one.
-Its output is ``h = y + m``: ``y`` the residual after its attention, ``m = W_down z + c`` its MLP
-output (``z`` ``[I]`` the ``down_proj`` input, ``c`` its bias, zero for Llama). On the dense model's
-calibration tokens, ``d = h_{b+1} - y`` is what the residual stream needs from block ``a-1``'s MLP
-for the span to be skipped. Both forms solve one ridge problem toward a prior ``P`` (rows are
-tokens: features ``F`` ``[N, f]``, targets ``D`` ``[N, H]``):
+Its output is ``h = y + B(u)``: ``y`` the residual after its attention (and, in a parallel block,
+everything but the MLP), ``u = W_down z + c`` the ``down_proj`` output (``z`` ``[I]`` its input, ``c``
+its bias, zero for Llama) and ``B`` what the family adds of it (:meth:`ArchSpec.branch`: ``u``,
+Granite's ``r * u``, or a post-norm's ``N(u)``). On the dense model's calibration tokens,
+``d = h_{b+1} - y`` is what the residual stream needs from block ``a-1``'s MLP for the span to be
+skipped, and ``D = B^-1(d)`` (:meth:`ArchSpec.branch_target`) the ``down_proj`` output that gives
+it: exact for ``u`` and ``r * u``; behind a post-norm, which fixes every token's magnitude, ``D``
+matches the direction at the current output's scale, and the check in :mod:`amp_prune.refit`
+keeps the stand-in only where it brings the model closer to the dense one. Both forms solve one
+ridge problem toward a prior ``P`` (rows are tokens: features ``F`` ``[N, f]``, targets ``D`` ``[N, H]``):
 
     min_X || F X - D ||^2 + lam || X - P ||^2   =>   X = (F^T F + lam I)^-1 (F^T D + lam P),
     lam = damp * mean(diag F^T F)
 
-* ``form="map"`` (ReplaceMe, arXiv 2505.02819): ``F = m``, ``P = I``; ``X = T`` ``[H, H]`` maps the
-  MLP output, folded as ``W_down <- T^T W_down`` and ``c <- T^T c``.
+* ``form="map"`` (ReplaceMe, arXiv 2505.02819): ``F = u``, ``P = I``; ``X = T`` ``[H, H]`` maps the
+  ``down_proj`` output, folded as ``W_down <- T^T W_down`` and ``c <- T^T c``.
 * ``form="down"``: ``F = z_S`` (the kept ``down_proj`` inputs ``S``), ``D`` less the bias ``c``, and
   ``P = W_S^T`` (the kept, possibly refit, weights); ``X = W_down'^T`` ``[|S|, H]`` replaces them.
   It contains every folded map (``T^T W_S`` is one such ``W_down'``), so it fits the calibration
@@ -41,7 +46,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import capture_inputs, on_device
+from amp_prune.calib.blockwise import block_forward, capture_inputs, on_device
 from amp_prune.calib.data import Batch
 
 log = logging.getLogger(__name__)
@@ -154,7 +159,7 @@ def fit_standins(model: nn.Module, spec: ArchSpec, batches: list[Batch], removed
                 w = spec.down_proj(layers[k]).weight.detach()
                 bases[k] = (torch.arange(w.shape[1]), w.cpu())
     states = capture_inputs(model, spec, batches, device)
-    kept: dict[int, list[tuple[torch.Tensor, torch.Tensor]]] = {}  # block a-1 -> (F, y) per batch, real tokens
+    kept: dict[int, list[tuple[torch.Tensor, ...]]] = {}  # block a-1 -> (F, y, u) per batch, real tokens
     stats: dict[int, list[list]] = {}  # block a-1 -> per fold [F^T F, F^T D, ||D||^2] in fp64
     for i in tqdm(range(max(ends) + 1), desc="stand-in statistics", disable=not progress, leave=False):
         layer = layers[i]
@@ -162,27 +167,28 @@ def fit_standins(model: nn.Module, spec: ArchSpec, batches: list[Batch], removed
             captured: list[tuple[torch.Tensor, torch.Tensor]] = []  # (down_proj input, output) per batch
             ctx = contextlib.ExitStack()
             if i in starts:
-                down = spec.down_proj(layer)
-                ctx.callback(down.register_forward_hook(lambda _m, a, out: captured.append((a[0], out))).remove)
+                ctx.callback(spec.down_proj(layer).register_forward_hook(lambda _m, a, out: captured.append((a[0], out))).remove)
                 stats[i] = [[0.0, 0.0, 0.0] for _ in range(k_folds)]
                 cols = bases[i][0].to(device) if form == "down" else None
             with ctx:
                 for j, s in enumerate(states):
-                    out = layer(s.hidden, **s.kwargs)
-                    s.hidden = out[0] if isinstance(out, tuple) else out
+                    s.hidden = block_forward(layer, i, s)
                     if i in starts:  # F^T F now; F^T D and ||D||^2 once the span has run
-                        z, m = (t[s.mask] for t in captured.pop())
-                        f = m if form == "map" else z.index_select(-1, cols)
+                        z, u = (t[s.mask] for t in captured.pop())
+                        f = u if form == "map" else z.index_select(-1, cols)
                         acc = stats[i][j % k_folds]
                         acc[0] = acc[0] + f.double().T @ f.double()
-                        y = s.hidden[s.mask] - m
-                        if form == "down" and down.bias is not None:  # X fits W' z = d - c
-                            y = y + down.bias
-                        kept.setdefault(i, []).append((f, y))
+                        y = s.hidden[s.mask] - spec.branch(layer, "down", u, model.config)
+                        kept.setdefault(i, []).append((f, y, u))
         if i in ends:  # the states now hold h_{b+1}
             k = ends[i]
-            for j, ((f, y), st) in enumerate(zip(kept.pop(k), states)):
-                dd = st.hidden[st.mask].double() - y.double()
+            for j, ((f, y, u), st) in enumerate(zip(kept.pop(k), states)):
+                with on_device(layers[k], device):  # its post-norm and bias (a no-op unless offloaded)
+                    dd = spec.branch_target(layers[k], "down", st.hidden[st.mask].double() - y.double(), u.double(),
+                                            model.config)
+                    bias = spec.down_proj(layers[k]).bias
+                    if form == "down" and bias is not None:  # X fits W' z = D - c
+                        dd = dd - bias.to(dd)
                 acc = stats[k][j % k_folds]
                 acc[1] = acc[1] + f.double().T @ dd
                 acc[2] = acc[2] + (dd * dd).sum()

@@ -32,21 +32,6 @@ def final_hidden(model: nn.Module, spec: ArchSpec, batches: list[Batch], device:
 
 
 @torch.no_grad()
-def max_logit_diff(model_a: nn.Module, spec_a: ArchSpec, model_b: nn.Module, spec_b: ArchSpec,
-                   batches: list[Batch], device: torch.device) -> float:
-    """``max |logits_a - logits_b|`` over real tokens, one sequence at a time to bound memory."""
-    ha, hb = final_hidden(model_a, spec_a, batches, device), final_hidden(model_b, spec_b, batches, device)
-    worst = 0.0
-    for xa, xb, b in zip(ha, hb, batches):
-        for r in range(xa.shape[0]):
-            keep = b.attention_mask[r].bool().to(xa.device)
-            la = final_logits(model_a, spec_a, xa[r:r + 1], device)[0, keep]
-            lb = final_logits(model_b, spec_b, xb[r:r + 1], device)[0, keep]
-            worst = max(worst, (la - lb).abs().max().item() if keep.any() else 0.0)
-    return worst
-
-
-@torch.no_grad()
 def perplexity(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device, *,
                progress: bool = False, desc: str = "perplexity") -> float:
     """Token-level perplexity of ``model`` on ``batches``; ``nan`` when there is nothing to score."""

@@ -2,8 +2,10 @@
 
 The output dir holds safetensors, config, tokenizer, ``pruning_plan.json``, ``run.json``
 and a ``README.md`` model card. It is written to a temporary sibling dir, reloaded there
-with plain ``AutoModelForCausalLM.from_pretrained`` (no ``trust_remote_code``), its logits
-compared with the in-memory model, and only then renamed into place.
+with plain ``AutoModelForCausalLM.from_pretrained`` (no ``trust_remote_code``), and the
+reloaded model's stock forward is compared with the in-memory model's stock forward
+(:func:`amp_prune.eval.agreement.stock_logit_diff`: each model's own class, not the block
+runner, so a runner bug cannot make the two agree). Only then is it renamed into place.
 """
 
 from __future__ import annotations
@@ -22,12 +24,12 @@ import torch
 from accelerate import init_empty_weights
 from transformers import AutoModelForCausalLM, MistralForCausalLM, PreTrainedModel
 
-from amp_prune.arch import ArchSpec, get_spec, native_config
+from amp_prune.arch import native_config
 from amp_prune.calib.data import Batch
 from amp_prune.errors import AmpPruneError
-from amp_prune.eval.perplexity import max_logit_diff
+from amp_prune.eval.agreement import stock_logit_diff, tolerance
 from amp_prune.io.files import write_json
-from amp_prune.io.offload import is_offloaded
+from amp_prune.placement import is_offloaded
 
 log = logging.getLogger(__name__)
 
@@ -89,7 +91,7 @@ def _fix_permissions(root: Path) -> None:
             f.chmod(0o666 & ~umask)
 
 
-def _export_offloaded(model: PreTrainedModel, tokenizer, tmp: Path, spec: ArchSpec, check_batches: list[Batch],
+def _export_offloaded(model: PreTrainedModel, tokenizer, tmp: Path, check_batches: list[Batch],
                       device: torch.device, dtype: torch.dtype) -> tuple[float, str]:
     """Save a model whose blocks are on disk, reading them back one shard of ``OFFLOADED_SHARD`` at a time,
     and compare its logits with a reload that is disk-offloaded too; returns ``(max |diff|, class name)``."""
@@ -110,20 +112,15 @@ def _export_offloaded(model: PreTrainedModel, tokenizer, tmp: Path, spec: ArchSp
     tokenizer.save_pretrained(tmp)
     with tempfile.TemporaryDirectory(prefix="amp-prune-offload-") as spill:
         reloaded = load_model(str(tmp), device=device, dtype=dtype, offload_folder=spill)
-        diff = max_logit_diff(model, spec, reloaded.model, reloaded.spec, check_batches, device)
+        diff = stock_logit_diff(model, reloaded.model, check_batches, device)
         name = type(reloaded.model).__name__
         del reloaded
     return diff, name
 
 
-def _tolerance(dtype: torch.dtype) -> float:
-    return 1e-4 if dtype == torch.float32 else 5e-2
-
-
 def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches: list[Batch], device: torch.device,
            files: dict[str, dict] | None = None, card: Callable[[float], str] | None = None,
-           overwrite: bool = False, input_path: str | None = None, spec: ArchSpec | None = None,
-           writers: list[Callable[[Path], None]] | None = None) -> ExportCheck:
+           overwrite: bool = False, input_path: str | None = None, writers: list[Callable[[Path], None]] | None = None) -> ExportCheck:
     """Write ``model`` to ``out`` atomically after a reload-and-compare check.
 
     ``files`` maps extra JSON file names to contents; ``card(max_abs_diff)`` returns the
@@ -132,23 +129,22 @@ def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches:
     differ beyond the dtype's tolerance.
     """
     out = check_out_dir(out, overwrite=overwrite, input_path=input_path)
-    spec = spec or get_spec(model.config.model_type)
     dtype = next(model.parameters()).dtype
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
         if is_offloaded(model):
-            diff, exported = _export_offloaded(model, tokenizer, tmp, spec, check_batches, device, dtype)
+            diff, exported = _export_offloaded(model, tokenizer, tmp, check_batches, device, dtype)
         else:
             native = to_native(model)
             native.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             reloaded.to(next(native.parameters()).device)
-            diff = max_logit_diff(model, spec, reloaded, get_spec(reloaded.config.model_type), check_batches, device)
+            diff = stock_logit_diff(model, reloaded, check_batches, device)
             del reloaded
             exported = type(native).__name__
-        check = ExportCheck(max_abs_diff=diff, tolerance=_tolerance(dtype), exported_class=exported)
+        check = ExportCheck(max_abs_diff=diff, tolerance=tolerance(dtype), exported_class=exported)
         if not check.ok:
             raise AmpPruneError(f"reloaded checkpoint differs from the in-memory model (max |diff| {diff:.3g} > "
                                 f"{check.tolerance}); nothing was written. Please report this as a bug")

@@ -7,10 +7,10 @@ disk-offloaded block holds meta tensors and an accelerate ``AlignDevicesHook`` w
 copy; other formats are written once into the offload folder). A plain ``model(...)`` forward
 works as it is: every hooked module loads its weights for its own forward and drops them after.
 
-The block-by-block passes use :func:`materialized` instead: it loads a whole block once, switches
+The block-by-block passes use :func:`amp_prune.placement.materialized` instead: it loads a whole block once, switches
 its hooks' offloading off while every batch runs through it, and sends the weights back to meta
 on exit. So host memory holds one dense block at a time, plus what is not a block. Surgery calls
-:func:`detach` on each block it changes, shrinks it, and :func:`keep_on_disk` writes the pruned
+:func:`amp_prune.placement.detach` on each block it changes, shrinks it, and :func:`keep_on_disk` writes the pruned
 block to a spill folder that lives as long as the model (:func:`spill_dir`) and offloads it there
 again; unchanged blocks keep pointing at the checkpoint. The pruned model is therefore offloaded
 too, and ``save_pretrained`` reads its weights back one shard at a time.
@@ -18,25 +18,22 @@ too, and ``save_pretrained`` reads its weights back one shard at a time.
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import logging
 import tempfile
 import uuid
-from collections.abc import Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from accelerate import disk_offload, init_empty_weights
-from accelerate.hooks import remove_hook_from_module
-from accelerate.utils import (convert_file_size_to_int, has_offloaded_params, infer_auto_device_map,
-                              set_module_tensor_to_device)
+from accelerate.utils import convert_file_size_to_int, infer_auto_device_map
 from torch import nn
 from transformers import AutoModelForCausalLM
 
 from amp_prune.arch import ArchSpec
 from amp_prune.errors import AmpPruneError
+from amp_prune.placement import is_offloaded
 
 if TYPE_CHECKING:
     from amp_prune.io.load import LoadedModel
@@ -87,57 +84,6 @@ def disk_device_map(config, spec: ArchSpec, device: torch.device, dtype: torch.d
         else:
             out[name.rsplit(".", 1)[0]] = here
     return out
-
-
-def is_offloaded(model: nn.Module) -> bool:
-    """True when some submodule of ``model`` keeps its weights off-memory behind an accelerate hook."""
-    return any(has_offloaded_params(m) for m in model.modules())
-
-
-@contextlib.contextmanager
-def materialized(module: nn.Module, device: torch.device | None = None) -> Iterator[nn.Module]:
-    """Load every offloaded weight under ``module`` onto ``device`` (default: each hook's own), for the duration.
-
-    Inside, the hooks' offloading is off, so the block's forwards over many batches and any
-    weight read (a scorer's ``finish``, a refit) see real tensors loaded once. On exit the
-    weights go back to meta (an in-place change made inside is lost: use :func:`detach` to keep one).
-    A module with nothing offloaded passes through unchanged.
-    """
-    subs = [m for m in module.modules() if has_offloaded_params(m)]
-    saved: list[tuple[nn.Module, torch.device]] = []
-    try:
-        for m in subs:
-            hook = m._hf_hook
-            saved.append((m, hook.execution_device))
-            if device is not None:
-                hook.execution_device = device
-            hook.pre_forward(m)  # loads weights_map[name] onto the execution device
-            hook.offload = False
-        yield module
-    finally:
-        for m, home in saved:
-            hook = m._hf_hook
-            hook.offload = True
-            hook.post_forward(m, None)  # back to meta
-            hook.execution_device = home
-
-
-def detach(module: nn.Module, device: torch.device | str = "cpu") -> None:
-    """Load ``module``'s offloaded weights onto ``device`` for good and remove its accelerate hooks (before surgery)."""
-    for m in list(module.modules()):
-        if has_offloaded_params(m):
-            hook = m._hf_hook
-            for name, _ in list(m.named_parameters(recurse=False)):
-                set_module_tensor_to_device(m, name, device, value=hook.weights_map[name])
-            if hook.offload_buffers:
-                for name, _ in list(m.named_buffers(recurse=False)):
-                    set_module_tensor_to_device(m, name, device, value=hook.weights_map[name])
-    remove_hook_from_module(module, recurse=True)
-
-
-def offload_home(module: nn.Module) -> torch.device | None:
-    """The execution device of ``module``'s offloaded weights, or ``None`` when nothing in it is offloaded."""
-    return next((m._hf_hook.execution_device for m in module.modules() if has_offloaded_params(m)), None)
 
 
 def spill_dir(model: nn.Module) -> Path:

@@ -254,7 +254,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     timings = {"total_s": time.perf_counter() - t0}
     run_config = {**asdict(config), "teacher": teacher_name if t_model is not None else None}
     check = export(merged, tok, out, check_batches=[Batch(b.input_ids, b.attention_mask) for b in (held or train)[:1]],
-                   device=device, spec=lm.spec, overwrite=config.overwrite, input_path=lm.path,
+                   device=device, overwrite=config.overwrite, input_path=lm.path,
                    files={"run.json": {"config": run_config, "summary": summary, "timings": timings,
                                        "losses": losses}},
                    card=lambda _diff: finetune_card(summary, config))

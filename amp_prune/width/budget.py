@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from torch import nn
 
 from amp_prune.arch import ArchSpec
+from amp_prune.arch.native import expressible
 from amp_prune.config import GQA_MODES
 from amp_prune.errors import AmpPruneError
 
@@ -53,6 +54,32 @@ def unit_costs(model: nn.Module, spec: ArchSpec, mode: str) -> tuple[int, int, i
     return unit, n_units, chan
 
 
+def attn_options(model: nn.Module, spec: ArchSpec, mode: str) -> list[int]:
+    """The attention units per block (``0 .. n_units-1``) whose pruned shape a stock config and class can express.
+
+    Group mode keeps ``n_kv - k`` groups of ``g`` heads, heads mode ``g - k`` heads in each of the ``n_kv``
+    groups; :func:`amp_prune.arch.native.expressible` decides (Gemma 3 270M, 4 heads and 1 KV head: 0, 2
+    or 3 heads removed, since 3 heads do not divide hidden 640).
+    """
+    d = spec.dims(model.config)
+    g = d["n_heads"] // d["n_kv"]
+    out = []
+    for k in range(d["n_kv"] if mode == "group" else g):
+        n_q, n_kv = ((d["n_kv"] - k) * g, d["n_kv"] - k) if mode == "group" else (d["n_kv"] * (g - k), d["n_kv"])
+        if expressible(model.config, spec, n_q, n_kv):
+            out.append(k)
+    return out
+
+
+def kept_heads_phrase(model: nn.Module, spec: ArchSpec, mode: str, options: list[int]) -> str:
+    """``"4, 2 or 1 query heads per block"``: what ``options`` keep, for error messages."""
+    d = spec.dims(model.config)
+    g = d["n_heads"] // d["n_kv"]
+    kept = [(d["n_kv"] - k) * g if mode == "group" else d["n_kv"] * (g - k) for k in options]
+    words = [str(n) for n in kept]
+    return (", ".join(words[:-1]) + " or " + words[-1] if len(words) > 1 else words[0]) + " query heads per block"
+
+
 def effective_mode(model: nn.Module, spec: ArchSpec, mode: str) -> str:
     """Heads mode needs groups of >= 2 query heads; MHA (one head per group) uses group mode."""
     if mode not in GQA_MODES:
@@ -66,15 +93,17 @@ def compute_budget(model: nn.Module, spec: ArchSpec, ratio: float, mode: str) ->
     d = spec.dims(model.config)
     total = count_params(model)
     unit, n_units, chan = unit_costs(model, spec, mode)
+    options = attn_options(model, spec, mode)
     n_layers = d["n_layers"]
     target = ratio * total
-    prunable = n_layers * ((n_units - 1) * unit + (d["intermediate"] - 1) * chan)
+    prunable = n_layers * (max(options) * unit + (d["intermediate"] - 1) * chan)
     if target > prunable:
         raise AmpPruneError(f"ratio {ratio} asks for {target / 1e6:.1f}M parameters but the blocks can give at most "
-                            f"{prunable / 1e6:.1f}M ({prunable / total:.2f} of the model); lower --ratio")
+                            f"{prunable / 1e6:.1f}M ({prunable / total:.2f} of the model) in {mode} mode; lower --ratio")
     p = target / (n_layers * (n_units * unit + d["intermediate"] * chan))  # uniform share of every unit type
+    near = {min(math.floor(p * n_units), n_units - 1), min(math.ceil(p * n_units), n_units - 1)} & set(options)
     best: tuple | None = None
-    for k in {min(math.floor(p * n_units), n_units - 1), min(math.ceil(p * n_units), n_units - 1)}:
+    for k in near or sorted(options, key=lambda k: abs(k - p * n_units))[:2]:
         m = min(max(round((target - n_layers * k * unit) / (n_layers * chan)), 0), d["intermediate"] - 1)
         err = abs(n_layers * (k * unit + m * chan) - target)
         key = (err > 0.005 * total, abs(k - p * n_units), err)  # on budget first, then closest to uniform

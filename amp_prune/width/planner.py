@@ -15,7 +15,7 @@ from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch
 from amp_prune.errors import AmpPruneError
 from amp_prune.plan import PrunePlan
-from amp_prune.width.budget import Budget, compute_budget, count_params, unit_costs
+from amp_prune.width.budget import Budget, attn_options, compute_budget, count_params, kept_heads_phrase, unit_costs
 from amp_prune.width.criteria import LayerScores, ScoreContext, block_scorer
 from amp_prune.width.sweep import Candidate, layer_plan, sweep
 
@@ -45,7 +45,8 @@ def split_budgets(model: nn.Module, spec: ArchSpec, ratio: float, mode: str,
     unit, n_units, chan = unit_costs(model, spec, mode)
     target = ratio * total
     out = []
-    for k in range(n_units):
+    options = attn_options(model, spec, mode)
+    for k in options:
         m = round((target - n_layers * k * unit) / (n_layers * chan))
         removed = n_layers * (k * unit + m * chan)
         if 0 <= m <= d["intermediate"] - 1 and abs(removed - target) <= 0.005 * total:
@@ -53,8 +54,10 @@ def split_budgets(model: nn.Module, spec: ArchSpec, ratio: float, mode: str,
     if forced is not None:
         if not any(b.attn_units == forced for b in out):
             what = "KV groups" if mode == "group" else "heads per group"
+            why = "" if forced in options else (f" ({model.config.model_type} can keep only "
+                                                f"{kept_heads_phrase(model, spec, mode, options)})")
             raise AmpPruneError(f"--attn-units {forced} cannot meet --ratio {ratio} with uniform blocks ({n_units} "
-                                f"{what} per block); feasible: {', '.join(str(b.attn_units) for b in out) or 'none'}")
+                                f"{what} per block){why}; feasible: {', '.join(str(b.attn_units) for b in out) or 'none'}")
         out = [b for b in out if b.attn_units == forced]
     if not out:
         raise AmpPruneError(f"ratio {ratio} cannot be met by uniform width pruning of this model; lower --ratio")

@@ -17,6 +17,13 @@ times, if ``G`` is too ill-conditioned, and the kept weights are returned unchan
 
 With a whole KV group removed, the kept heads' outputs are unchanged, so for ``o_proj`` this
 is exact linear algebra on its input. ``down_proj``'s input is ``silu(gate) * up``.
+
+Behind a post-norm (Gemma 2/3, OLMo 2, EXAONE 4: the residual adds ``N(W x_t)``, ``N(u) = w * u /
+rms(u)``), what reaches the residual from the error ``e_t = W' x_S - W x_t`` is, to first order,
+``w * e_t / rms(W x_t)`` less its component along ``W x_t`` (which the norm removes). The refit
+weights each token by ``s_t = 1 / rms(W x_t)``: ``G = sum_t s_t^2 x_t x_t^T`` (the rows handed to
+:class:`Gram` are ``s_t x_t``; the per-channel ``w`` scales whole output rows, which are fit
+independently, so it does not change the solution). An exact fit stays exact either way.
 """
 
 from __future__ import annotations

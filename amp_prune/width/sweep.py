@@ -33,7 +33,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import BlockInputs, MaskRef, capture_inputs, final_logits, on_device
+from amp_prune.calib.blockwise import BlockInputs, MaskRef, block_forward, capture_inputs, final_logits, on_device
 from amp_prune.calib.data import Batch
 from amp_prune.depth.similarity import StreamingCKA
 from amp_prune.plan import LayerPlan, kept
@@ -110,22 +110,37 @@ def substituted(layer: nn.Module, spec: ArchSpec, lp: LayerPlan, d: dict[str, in
 
 
 def _gram_hooks(layer: nn.Module, spec: ArchSpec, ref: MaskRef, grams: dict[str, Gram], names=("o", "down")):
+    """Accumulate each projection's input Gram; behind a post-norm, of the rows ``x_t / rms(W x_t)``.
+
+    A post-norm ``N(u) = w * u / rms(u)`` scales token ``t``'s error ``W' x_S - W x`` by ``1 / rms(W x_t)``
+    before it reaches the residual, so the refit weights each token by that (:mod:`amp_prune.width.refit`).
+    """
     stack = contextlib.ExitStack()
     for name, lin in (("o", spec.o_proj(layer)), ("down", spec.down_proj(layer))):
-        if name in names:
-            g = grams.setdefault(name, Gram())
+        if name not in names:
+            continue
+        g = grams.setdefault(name, Gram())
+        norm = spec.post_norm(layer, name)
+        if norm is None:
             stack.callback(lin.register_forward_pre_hook(lambda _m, args, g=g: g.add(args[0][ref.mask])).remove)
+            continue
+        eps = float(getattr(norm, "eps", getattr(norm, "variance_epsilon", 1e-6)))
+
+        def weighted(_m, args, out, g=g, eps=eps):
+            u = out[ref.mask].float()
+            g.add(args[0][ref.mask].float() * torch.rsqrt(u.pow(2).mean(-1, keepdim=True) + eps))
+        stack.callback(lin.register_forward_hook(weighted).remove)
     return stack
 
 
-def _run(layer: nn.Module, states: list[BlockInputs], ref: MaskRef, ctx, *, keep: bool = True) -> list[BlockInputs]:
-    """``layer`` over every batch of ``states`` inside ``ctx``; returns the outputs (or the inputs when not ``keep``)."""
+def _run(layer: nn.Module, i: int, states: list[BlockInputs], ref: MaskRef, ctx, *,
+         keep: bool = True) -> list[BlockInputs]:
+    """Block ``i`` over every batch of ``states`` inside ``ctx``; returns the outputs (or the inputs when not ``keep``)."""
     out = []
     with ctx:
         for s in states:
             ref.mask = s.mask
-            h = layer(s.hidden, **s.kwargs)
-            out.append(BlockInputs(h[0] if isinstance(h, tuple) else h, s.kwargs, s.mask))
+            out.append(s.with_hidden(block_forward(layer, i, s)))
     return out if keep else states
 
 
@@ -151,10 +166,10 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
     # the proxy needs only PROXY_TOKENS positions: without a sequential refit, candidates run on that many batches
     n_stream = len(batches) if refit == "sequential" else _covering(batches, PROXY_TOKENS)
     for c in cands:
-        c.stream = [BlockInputs(s.hidden, s.kwargs, s.mask) for s in dense[:n_stream]] if streams else None
+        c.stream = [s.with_hidden(s.hidden) for s in dense[:n_stream]] if streams else None
     ref = MaskRef()
     # a scorer that accumulates the same dense o_proj/down_proj Grams (obs) hands them to the one-pass refit
-    shared = refit == "onepass" and hasattr(scorer, "take_grams")
+    shared = refit == "onepass" and hasattr(scorer, "take_grams") and spec.post_norms is None  # obs: unweighted
     if shared:
         scorer.share_grams = True
     for i in tqdm(range(len(layers)), desc=desc, disable=not progress, leave=False):
@@ -166,7 +181,7 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
                 hooks.enter_context(scorer.hooks(i, layer, ref))
             if refit == "onepass" and not shared:
                 hooks.enter_context(_gram_hooks(layer, spec, ref, grams))
-            dense = _run(layer, dense, ref, hooks)
+            dense = _run(layer, i, dense, ref, hooks)
             scores = scorer.finish(i, layer) if scorer is not None else None
             if shared:
                 grams = scorer.take_grams()
@@ -183,16 +198,16 @@ def sweep(model: nn.Module, spec: ArchSpec, batches: list[Batch], cands: list[Ca
                     g: dict[str, Gram] = {}
                     c.weights[i] = {}
                     if "o" in todo:
-                        _run(layer, c.stream, ref, _gram_hooks(layer, spec, ref, g, ("o",)), keep=False)
+                        _run(layer, i, c.stream, ref, _gram_hooks(layer, spec, ref, g, ("o",)), keep=False)
                         c.weights[i] = _refit(layer, spec, lp, d, g, damp, ("o",))
                     if "down" in todo:
                         ctx = contextlib.ExitStack()
                         ctx.enter_context(substituted(layer, spec, lp, d, c.weights[i], attention_only=True))
                         ctx.enter_context(_gram_hooks(layer, spec, ref, g, ("down",)))
-                        _run(layer, c.stream, ref, ctx, keep=False)
+                        _run(layer, i, c.stream, ref, ctx, keep=False)
                         c.weights[i].update(_refit(layer, spec, lp, d, g, damp, ("down",)))
                 if streams:
-                    c.stream = _run(layer, c.stream, ref, substituted(layer, spec, lp, d, c.weights.get(i, {})))
+                    c.stream = _run(layer, i, c.stream, ref, substituted(layer, spec, lp, d, c.weights.get(i, {})))
             del grams
     if compare:
         ref_rep = _pooled(model, spec, dense[:n_stream], device)

@@ -145,7 +145,7 @@ def test_the_search_tokens_default_by_method(method, given, expect):
 
     from amp_prune.calib.data import Batch
     from amp_prune.config import PruneConfig
-    from amp_prune.pipeline import _search_batches
+    from amp_prune.planners import _search_batches
     cfg = PruneConfig.from_flat(model="m", method=method, ratio=0.3, layers=None, depth_seq_len=given,
                                 depth_samples=0)
     cfg.validate()

@@ -82,3 +82,20 @@ def test_refuses_to_write_over_the_input_model(tmp_path, tiny_dir):
         export(model, char_tokenizer(), src, check_batches=random_batches()[:1], device=CPU, overwrite=True,
                input_path=str(src))
     assert sorted((p.name, p.stat().st_mtime_ns) for p in src.iterdir()) == before
+
+
+def test_export_check_runs_each_models_own_forward(tmp_path):
+    """The check compares the in-memory model's stock forward with the reloaded one's, not the block runner with
+    itself: a difference only the model's own forward shows (here 0.5 on every logit) is refused."""
+    model = tiny_model("gemma3_text")
+    own = model.forward
+
+    def drifted(*args, **kwargs):
+        out = own(*args, **kwargs)
+        out.logits = out.logits + 0.5
+        return out
+
+    model.forward = drifted
+    with pytest.raises(AmpPruneError, match=r"differs from the in-memory model \(max \|diff\| 0\.5"):
+        export(model, char_tokenizer(), tmp_path / "out", check_batches=random_batches()[:1], device=CPU)
+    assert list(tmp_path.iterdir()) == []

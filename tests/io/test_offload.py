@@ -14,7 +14,8 @@ from amp_prune import PruneConfig, prune
 from amp_prune.arch import get_spec
 from amp_prune.errors import AmpPruneError
 from amp_prune.io.load import load_model
-from amp_prune.io.offload import fix_mmap_threshold, is_offloaded, materialized
+from amp_prune.io.offload import fix_mmap_threshold
+from amp_prune.placement import is_offloaded, materialized
 
 SMALL = dict(num_samples=4, seq_len=32, eval_samples=2, batch_size=2, progress=False, device="cpu")
 IDS = torch.randint(0, 100, (2, 24), generator=torch.Generator().manual_seed(0))

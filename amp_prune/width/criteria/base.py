@@ -12,7 +12,7 @@ from torch import nn
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.blockwise import MaskRef, capture_inputs, run_blocks
 from amp_prune.calib.data import Batch
-from amp_prune.io.offload import materialized
+from amp_prune.placement import materialized
 
 
 @dataclass

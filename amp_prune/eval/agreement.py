@@ -1,0 +1,77 @@
+"""Checks that two independent paths agree, on a bounded number of logit positions.
+
+* :func:`stock_logit_diff`: two models' own ``model(input_ids, attention_mask)`` forwards (the export
+  check: the in-memory pruned model against the reloaded checkpoint, each through its own stock class).
+* :func:`runner_logit_diff`: the block runner (:mod:`amp_prune.calib.blockwise`) and its head
+  (:func:`final_logits`) against the model's stock forward (once per run, on the dense model: every
+  statistic the tool computes goes through the runner).
+
+Both compare ``max |z_a - z_b|`` over at most ``CHECK_POSITIONS`` real token positions of the batch,
+spread evenly over each sequence (its last real token included). The stock forward forms logits at
+those positions only (``logits_to_keep`` as a boolean ``[B, T]`` mask), so the check holds at most
+``CHECK_POSITIONS x V`` logits (134 MB in fp32 for a 262k vocabulary) whatever the sequence length.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from amp_prune.arch import ArchSpec
+from amp_prune.calib.blockwise import capture_inputs, final_logits, run_blocks
+from amp_prune.calib.data import Batch
+
+CHECK_POSITIONS = 128
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """The largest logit difference two paths may show in ``dtype``."""
+    return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def check_mask(batch: Batch, positions: int = CHECK_POSITIONS) -> torch.Tensor:
+    """``[B, T]`` bool: up to ``ceil(positions / B)`` real positions per row, evenly spaced, the last one included."""
+    per_row = max(1, math.ceil(positions / batch.input_ids.shape[0]))
+    keep = torch.zeros_like(batch.attention_mask, dtype=torch.bool)
+    for r in range(batch.input_ids.shape[0]):
+        real = batch.attention_mask[r].nonzero().flatten()
+        if real.numel():
+            picks = torch.linspace(0, real.numel() - 1, min(per_row, real.numel())).round().long()
+            keep[r, real[picks]] = True
+    return keep
+
+
+@torch.no_grad()
+def stock_logits(model: nn.Module, batch: Batch, keep: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """``model``'s own forward on ``batch``: fp32 logits ``[n, V]`` at the ``n`` positions of ``keep`` ``[B, T]``."""
+    out = model(input_ids=batch.input_ids.to(device), attention_mask=batch.attention_mask.to(device),
+                logits_to_keep=keep.to(device), use_cache=False)
+    return out.logits.float().reshape(-1, out.logits.shape[-1])
+
+
+@torch.no_grad()
+def stock_logit_diff(model_a: nn.Module, model_b: nn.Module, batches: list[Batch], device: torch.device) -> float:
+    """``max |logits_a - logits_b|`` of the two models' stock forwards (see the module docstring)."""
+    worst = 0.0
+    for b in batches:
+        keep = check_mask(b)
+        if keep.any():
+            diff = stock_logits(model_a, b, keep, device) - stock_logits(model_b, b, keep, device).to(device)
+            worst = max(worst, diff.abs().max().item())
+    return worst
+
+
+@torch.no_grad()
+def runner_logit_diff(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device) -> float:
+    """``max |runner logits - stock logits|`` of one model on ``batches`` (see the module docstring)."""
+    states = run_blocks(model, spec, capture_inputs(model, spec, batches, device), device, progress=False)
+    worst = 0.0
+    for s, b in zip(states, batches):
+        keep = check_mask(b)
+        if keep.any():
+            ours = final_logits(model, spec, s.hidden[keep.to(s.hidden.device)], device)
+            diff = ours - stock_logits(model, b, keep, device).to(ours.device)
+            worst = max(worst, diff.abs().max().item())
+    return worst
