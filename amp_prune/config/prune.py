@@ -17,7 +17,7 @@ from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
 from amp_prune.config.options import (CRITERIA, DEFAULT_SOURCE, DEPTH_CACHES, DEPTH_DTYPES, GQA_MODES, LAYER_CRITERIA,
-                                      METHODS, MIN_CHUNK_TOKENS, OFFLOADS, REFITS, REPRESENTATIONS,
+                                      METHODS, MIN_CHUNK_TOKENS, OFFLOADS, RATIO_SCOPES, REFITS, REPRESENTATIONS,
                                       RESCORES, STANDIN_FORMS, _choice, _int_at_least, opt)
 from amp_prune.errors import AmpPruneError
 
@@ -209,6 +209,8 @@ class PruneConfig:
     model: str
     ratio: float = opt(0.3, "fraction of ALL parameters to remove (default 0.3); with --method cka it is converted "
                             "to a block count")
+    ratio_of: str = opt("all", "what --ratio is a share of: all parameters (default), or the decoder blocks' "
+                               "(blocks: embeddings excluded; they are 62.6%% of Gemma 3 270M)", choices=RATIO_SCOPES)
     out: str | None = opt(None, "output directory (default: ./<model>-<criterion><percent>)")
     overwrite: bool = opt(False, "replace an existing output directory")
     method: str = opt("width", "width: AMP heads+channels; cka: drop whole blocks; hybrid: width or depth at each step "
@@ -230,6 +232,9 @@ class PruneConfig:
         if isinstance(self.ratio, bool) or not isinstance(self.ratio, (int, float)) or not 0.0 < self.ratio < 1.0:
             raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
         _choice(self.method, METHODS, "--method")
+        _choice(self.ratio_of, RATIO_SCOPES, "--ratio-of")
+        if self.ratio_of == "blocks" and self.depth.layers is not None:
+            raise AmpPruneError("--ratio-of applies to --ratio; drop it with --layers")
         if self.push_to_hub is not None:
             from amp_prune.io.hub import check_repo_id
             check_repo_id(self.push_to_hub)

@@ -38,12 +38,11 @@ import random
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import BlockInputs, capture_inputs, run_blocks
+from amp_prune.calib.blockwise import BlockInputs, capture_inputs, kl_sum, run_blocks
 from amp_prune.calib.data import Batch
 from amp_prune.config import DEPTH_DTYPES, LAYER_CRITERIA, REPRESENTATIONS, RESCORES
 from amp_prune.depth.cache import StateCache, choose_placement, estimate_bytes, tokens_of
@@ -98,11 +97,8 @@ class DepthSearch:
         return out
 
     def _kl_rows(self, states: list[BlockInputs]) -> torch.Tensor:
-        """Next-token log-probabilities ``[n, V]`` of the first ``kl_tokens`` real tokens (always per token)."""
-        norm = self.spec.submodule(self.model, self.spec.final_norm)
-        rows = torch.cat([norm.to(s.hidden.device)(s.hidden)[s.mask] for s in states])[: self.kl_tokens]
-        head = self.spec.submodule(self.model, self.spec.lm_head)
-        return F.log_softmax(head(rows.to(head.weight.dtype)).float(), dim=-1)
+        """Last-block states ``[n, H]`` of the first ``kl_tokens`` real tokens (always per token), for ``kl_sum``."""
+        return torch.cat([s.hidden[s.mask] for s in states])[: self.kl_tokens]
 
     def prefix_pass(self, layer_context=None, *, keep: bool = True) -> StateCache:
         """States entering every remaining block (key ``L`` = after the last block), placed as ``placement``;
@@ -172,9 +168,9 @@ class DepthSearch:
             if parent is not None:
                 out["cka_parent"].append(self.cka_to(parent, reps))
             if "kl" in metrics:
-                logp = self._kl_rows(states)
-                out["kl"].append(F.kl_div(logp, self.ref_kl.to(logp.device), log_target=True,
-                                          reduction="batchmean").item())
+                rows = self._kl_rows(states)
+                out["kl"].append(kl_sum(self.model, self.spec, self.ref_kl.to(rows.device), rows, self.device)
+                                 / rows.shape[0])
         return out
 
 

@@ -6,8 +6,9 @@
   (:func:`final_logits`) against the model's stock forward (once per run, on the dense model: every
   statistic the tool computes goes through the runner).
 
-Both compare ``max |z_a - z_b|`` over at most ``CHECK_POSITIONS`` real token positions of the batch,
-spread evenly over each sequence (its last real token included). The stock forward forms logits at
+Both compare ``max |z_a - z_b|`` over the first ``CHECK_ROWS`` sequences of each batch, at most
+``CHECK_POSITIONS`` real token positions in all, spread evenly over each sequence (its last real
+token included). The stock forward forms logits at
 those positions only (``logits_to_keep`` as a boolean ``[B, T]`` mask), so the check holds at most
 ``CHECK_POSITIONS x V`` logits (134 MB in fp32 for a 262k vocabulary) whatever the sequence length.
 """
@@ -24,11 +25,17 @@ from amp_prune.calib.blockwise import capture_inputs, final_logits, run_blocks
 from amp_prune.calib.data import Batch
 
 CHECK_POSITIONS = 128
+CHECK_ROWS = 2
 
 
 def tolerance(dtype: torch.dtype) -> float:
     """The largest logit difference two paths may show in ``dtype``."""
     return 1e-4 if dtype == torch.float32 else 5e-2
+
+
+def check_rows(batches: list[Batch]) -> list[Batch]:
+    """The first ``CHECK_ROWS`` sequences of every batch."""
+    return [Batch(b.input_ids[:CHECK_ROWS], b.attention_mask[:CHECK_ROWS]) for b in batches]
 
 
 def check_mask(batch: Batch, positions: int = CHECK_POSITIONS) -> torch.Tensor:
@@ -55,7 +62,7 @@ def stock_logits(model: nn.Module, batch: Batch, keep: torch.Tensor, device: tor
 def stock_logit_diff(model_a: nn.Module, model_b: nn.Module, batches: list[Batch], device: torch.device) -> float:
     """``max |logits_a - logits_b|`` of the two models' stock forwards (see the module docstring)."""
     worst = 0.0
-    for b in batches:
+    for b in check_rows(batches):
         keep = check_mask(b)
         if keep.any():
             diff = stock_logits(model_a, b, keep, device) - stock_logits(model_b, b, keep, device).to(device)
@@ -66,6 +73,7 @@ def stock_logit_diff(model_a: nn.Module, model_b: nn.Module, batches: list[Batch
 @torch.no_grad()
 def runner_logit_diff(model: nn.Module, spec: ArchSpec, batches: list[Batch], device: torch.device) -> float:
     """``max |runner logits - stock logits|`` of one model on ``batches`` (see the module docstring)."""
+    batches = check_rows(batches)
     states = run_blocks(model, spec, capture_inputs(model, spec, batches, device), device, progress=False)
     worst = 0.0
     for s, b in zip(states, batches):

@@ -28,7 +28,7 @@ from amp_prune.arch import native_config
 from amp_prune.calib.data import Batch
 from amp_prune.errors import AmpPruneError
 from amp_prune.eval.agreement import stock_logit_diff, tolerance
-from amp_prune.io.files import write_json
+from amp_prune.io.files import release_freed_memory, write_json
 from amp_prune.placement import is_offloaded
 
 log = logging.getLogger(__name__)
@@ -139,6 +139,7 @@ def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches:
             native = to_native(model)
             native.save_pretrained(tmp)
             tokenizer.save_pretrained(tmp)
+            release_freed_memory()  # the serializer's buffers, before a second copy of the model loads
             reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
             reloaded.to(next(native.parameters()).device)
             diff = stock_logit_diff(model, reloaded, check_batches, device)

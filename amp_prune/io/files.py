@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import platform
@@ -64,3 +65,15 @@ def versions(packages: tuple[str, ...] = PACKAGES) -> dict[str, str]:
 def peak_rss_mb() -> float:
     """Peak resident memory of this process so far, in MiB (Linux reports KiB)."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def release_freed_memory() -> bool:
+    """Hand the heap's free pages back to the OS (glibc ``malloc_trim(0)``); ``False`` where libc is not glibc.
+
+    Large tensors freed by one stage stay in the process (fragmented heap) and add to the next stage's
+    peak. Measured on Gemma 3 270M's default width run: peak RSS 4.03 GB without it (docs/benchmarks.md).
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").malloc_trim(0))
+    except (OSError, AttributeError):
+        return False

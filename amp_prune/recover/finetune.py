@@ -34,7 +34,7 @@ from amp_prune.errors import AmpPruneError
 from amp_prune.io.card import finetune_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.hub import source_metadata
-from amp_prune.io.load import DEMO_ALIAS, load_model, resolve_device, resolve_dtype
+from amp_prune.io.load import ALIASES, load_model, resolve_device, resolve_dtype
 from amp_prune.recover.data import TrainBatch, load_examples, to_train_batches
 from amp_prune.recover.distill import (check_teacher, kd_loss, label_mask, lm_loss, prepare_teacher,
                                        resolve_teacher)
@@ -244,7 +244,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     what = "full fine-tuning" if config.full else "LoRA recovery"
     summary = {"name": out.name, "source": config.model, "steps": total_steps, "resumed_from": start,
                "card_meta": source_metadata(config.model, Path(config.model) if Path(config.model).exists() else None,
-                                            DEMO_ALIAS),
+                                            {n: a.card for n, a in ALIASES.items()}),
                "method": f"{what} ({config.loss} loss, {kind} data, {total_steps} steps)", "mode": what,
                "loss": config.loss, "teacher": teacher_label, "temperature": config.temperature,
                "lr": config.learning_rate, "final_loss": losses[-1] if losses else None,

@@ -1,7 +1,8 @@
 """The width budget: how many attention units and MLP channels every block loses.
 
 Budget (the AMP reference): remove ``ratio`` of *all* model parameters (embeddings
-included in the denominator), spread uniformly over the blocks. Every block loses the same
+included in the denominator; ``--ratio-of blocks`` converts a share of the decoder blocks into
+this one before planning), spread uniformly over the blocks. Every block loses the same
 number of attention units (whole KV groups, or query heads evenly within each group) and
 the same number of MLP channels, so the result is expressible by one HF config. The
 attention share is the nearest whole unit count to the uniform share ``p`` of the block
@@ -81,11 +82,25 @@ def kept_heads_phrase(model: nn.Module, spec: ArchSpec, mode: str, options: list
 
 
 def effective_mode(model: nn.Module, spec: ArchSpec, mode: str) -> str:
-    """Heads mode needs groups of >= 2 query heads; MHA (one head per group) uses group mode."""
+    """The GQA mode that can act on this model's attention.
+
+    Heads mode needs groups of >= 2 query heads, so MHA (one head per group) uses group mode; with one KV
+    head (multi-query, Gemma 3 270M) group mode could remove no attention at all, so it uses heads mode,
+    whose options include removing none.
+    """
     if mode not in GQA_MODES:
         raise AmpPruneError(f"unknown GQA mode '{mode}': choose one of {', '.join(GQA_MODES)}")
     d = spec.dims(model.config)
-    return "group" if d["n_heads"] == d["n_kv"] else mode
+    if d["n_heads"] == d["n_kv"]:
+        return "group"
+    return "heads" if d["n_kv"] == 1 else mode
+
+
+def ceiling_phrase(model: nn.Module, spec: ArchSpec, most: float) -> str:
+    """``most`` parameters as a share under both ``--ratio-of`` scopes, for infeasibility errors."""
+    total, blocks = count_params(model), count_params(spec.get_layers(model))
+    return (f"{most / 1e6:.1f}M ({most / total:.3f} of all parameters, --ratio-of all; {most / blocks:.3f} of the "
+            f"decoder blocks', --ratio-of blocks)")
 
 
 def compute_budget(model: nn.Module, spec: ArchSpec, ratio: float, mode: str) -> Budget:
@@ -99,7 +114,7 @@ def compute_budget(model: nn.Module, spec: ArchSpec, ratio: float, mode: str) ->
     prunable = n_layers * (max(options) * unit + (d["intermediate"] - 1) * chan)
     if target > prunable:
         raise AmpPruneError(f"ratio {ratio} asks for {target / 1e6:.1f}M parameters but the blocks can give at most "
-                            f"{prunable / 1e6:.1f}M ({prunable / total:.2f} of the model) in {mode} mode; lower --ratio")
+                            f"{ceiling_phrase(model, spec, prunable)} in {mode} mode; lower --ratio")
     p = target / (n_layers * (n_units * unit + d["intermediate"] * chan))  # uniform share of every unit type
     near = {min(math.floor(p * n_units), n_units - 1), min(math.ceil(p * n_units), n_units - 1)} & set(options)
     best: tuple | None = None

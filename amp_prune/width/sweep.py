@@ -33,7 +33,8 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from amp_prune.arch import ArchSpec
-from amp_prune.calib.blockwise import BlockInputs, MaskRef, block_forward, capture_inputs, final_logits, on_device
+from amp_prune.calib.blockwise import (BlockInputs, MaskRef, block_forward, capture_inputs, kl_sum, nll_sum,
+                                      on_device)
 from amp_prune.calib.data import Batch
 from amp_prune.depth.similarity import StreamingCKA
 from amp_prune.plan import LayerPlan, kept
@@ -255,9 +256,8 @@ def _calib_loss(model: nn.Module, spec: ArchSpec, states: list[BlockInputs], bat
             take = int(min(keep.sum(), max_tokens - n))
             if take <= 0:
                 continue
-            logits = final_logits(model, spec, s.hidden[r:r + 1, :-1], device)[0][keep.to(s.hidden.device)][:take]
-            target = b.input_ids[r, 1:][keep][:take].to(logits.device)
-            nll += F.cross_entropy(logits, target, reduction="sum").double().item()
+            rows = s.hidden[r, :-1][keep.to(s.hidden.device)][:take]
+            nll += nll_sum(model, spec, rows, b.input_ids[r, 1:][keep][:take], device)
             n += take
     return nll / max(n, 1)
 
@@ -267,7 +267,7 @@ def calib_kl(model: nn.Module, spec: ArchSpec, ref: list[BlockInputs], states: l
     """Mean ``KL(p_ref || p)`` of the next-token distributions over the first ``max_tokens`` real positions.
 
     ``ref`` and ``states`` hold final-block outputs ``[B, T, H]`` of the same batches (``ref``: the dense
-    model); logits are formed one sequence at a time (``[T, V]``), never for the whole set.
+    model); logits are formed one sequence at a time, in chunks of positions (:func:`kl_sum`).
     """
     kl, n = 0.0, 0
     for a, b in zip(ref, states):
@@ -276,8 +276,6 @@ def calib_kl(model: nn.Module, spec: ArchSpec, ref: list[BlockInputs], states: l
             if take <= 0:
                 continue
             real = a.mask[r].to(a.hidden.device)
-            lp, lq = (F.log_softmax(final_logits(model, spec, x.hidden[r:r + 1], device)[0][real][:take], -1)
-                      for x in (a, b))
-            kl += F.kl_div(lq, lp, log_target=True, reduction="sum").double().item()
+            kl += kl_sum(model, spec, a.hidden[r][real][:take], b.hidden[r][real][:take], device)
             n += take
     return kl / max(n, 1)

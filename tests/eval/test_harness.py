@@ -49,6 +49,32 @@ def test_perplexity_equals_a_direct_computation(wiki_dir):
     assert "joined with '\\n\\n'" in got["protocol"] and f"{n} non-overlapping windows of 48" in got["protocol"]
 
 
+def bos_char_tokenizer():
+    """The character tokenizer, adding its BOS ``<s>`` (id 1) in front of every text, as Gemma's does."""
+    from tokenizers import processors
+    tok = char_tokenizer()
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return tok
+
+
+@torch.no_grad()
+def test_perplexity_windows_start_with_bos_when_the_tokenizer_adds_one(wiki_dir):
+    model, tok = tiny_model("gemma3_text"), bos_char_tokenizer()
+    assert tok("ab")["input_ids"] == [1] + char_tokenizer()("ab")["input_ids"]
+    got = wikitext2_perplexity(model, tok, get_spec("gemma3_text"), CPU, data_dir=str(wiki_dir), seq_len=48,
+                               batch_size=3, progress=False)
+    text = torch.tensor(tok("\n\n".join(ROWS), add_special_tokens=False)["input_ids"])
+    n = text.numel() // 47
+    windows = [torch.cat([torch.tensor([1]), text[i * 47:(i + 1) * 47]]) for i in range(n)]  # BOS + 47 text tokens
+    losses = [model(input_ids=w[None], labels=w[None]).loss for w in windows]
+    assert got["windows"] == n and got["bos"] is True
+    assert got["ppl"] == pytest.approx(math.exp(torch.stack(losses).mean().item()), rel=1e-5)
+    assert "each a BOS (the tokenizer adds one by default) and 47 text tokens" in got["protocol"]
+    plain = wikitext2_perplexity(model, char_tokenizer(), get_spec("gemma3_text"), CPU, data_dir=str(wiki_dir),
+                                 seq_len=48, progress=False)
+    assert plain["bos"] is False and "no BOS" in plain["protocol"] and plain["ppl"] != got["ppl"]
+
+
 def test_perplexity_window_defaults_to_the_model_maximum(wiki_dir):
     model, tok = tiny_model("llama_gqa"), char_tokenizer()
     model.config.max_position_embeddings = 64

@@ -7,17 +7,22 @@ from huggingface_hub import ModelCard
 from test_cli import TINY
 
 from amp_prune.cli import main
-from amp_prune.io.hub import DEMO, source_metadata
+from amp_prune.io.hub import source_metadata
+from amp_prune.io.load import ALIASES
+
+KNOWN = {n: a.card for n, a in ALIASES.items()}
 
 
 def test_source_metadata_for_a_hub_id_the_demo_and_a_local_card(tmp_path):
-    assert source_metadata("meta-llama/Llama-3.1-8B", None, "smollm2-135m") == {"base_model": "meta-llama/Llama-3.1-8B"}
-    assert source_metadata("smollm2-135m", tmp_path, "smollm2-135m") == DEMO
-    assert source_metadata(str(tmp_path), tmp_path, "smollm2-135m") == {}  # a local dir without a card
+    assert source_metadata("meta-llama/Llama-3.1-8B", None, KNOWN) == {"base_model": "meta-llama/Llama-3.1-8B"}
+    assert source_metadata("smollm2-135m", tmp_path, KNOWN) == {"base_model": "HuggingFaceTB/SmolLM2-135M-Instruct",
+                                                                 "license": "apache-2.0"}
+    assert source_metadata("gemma3-270m", None, KNOWN) == {"base_model": "google/gemma-3-270m", "license": "gemma"}
+    assert source_metadata(str(tmp_path), tmp_path, KNOWN) == {}  # a local dir without a card
     (tmp_path / "README.md").write_text("---\nlicense: mit\nbase_model: org/dense\n---\n# a model\n")
-    assert source_metadata(str(tmp_path), tmp_path, "smollm2-135m") == {"license": "mit", "base_model": "org/dense"}
+    assert source_metadata(str(tmp_path), tmp_path, KNOWN) == {"license": "mit", "base_model": "org/dense"}
     (tmp_path / "README.md").write_text("---\n: [not yaml\n---\n")
-    assert source_metadata(str(tmp_path), tmp_path, "smollm2-135m") == {}  # unreadable: skipped, never an error
+    assert source_metadata(str(tmp_path), tmp_path, KNOWN) == {}  # unreadable: skipped, never an error
 
 
 def test_card_starts_with_hub_metadata_carried_from_the_source(tiny_dir, tmp_path):
