@@ -33,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"how probabilities become answers: argmax; calibrated (batch calibration: each option's "
                         f"probability divided by its mean over all items and variants; no labels); threshold "
                         f"(positive when P(positive) >= --threshold, or a threshold fitted to the base rate of a "
-                        f"seeded {FIT_SHARE:.0%} of the items, which are then not reported on). Default: "
+                        f"seeded {FIT_SHARE:.0%}% of the items, which are then not reported on). Default: "
                         f"{DEFAULT_DECISION} for yes/no tasks, argmax for bbq and winobias")
     p.add_argument("--threshold", type=float, help="the P(positive) threshold of --decision threshold (default: fitted)")
     p.add_argument("--chat-template", choices=CHAT_MODES, default="auto",

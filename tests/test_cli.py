@@ -128,3 +128,15 @@ def test_depth_end_to_end_writes_plot(tiny_dir, tmp_path, capsys):
     run = json.loads((out / "run.json").read_text())
     assert run["config"]["representation"] == "pooled" and run["summary"]["layers_after"] == 2
     assert AutoModelForCausalLM.from_pretrained(out).config.num_hidden_layers == 2
+
+
+@pytest.mark.parametrize("command", [["amp_prune"], ["amp_prune", "eval"], ["amp_prune", "finetune"],
+                                     ["bias_probe.cli"]])
+def test_every_command_answers_help(command):
+    """``-h`` of every command and subcommand prints its usage and exits 0 (bias-probe's once crashed on a '%')."""
+    module, *sub = command
+    code = ("import sys; from bias_probe.cli import main; sys.exit(main())" if module == "bias_probe.cli" else None)
+    argv = [sys.executable, "-c", code, "-h"] if code else [sys.executable, "-m", module, *sub, "-h"]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
