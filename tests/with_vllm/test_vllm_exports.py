@@ -42,6 +42,11 @@ def exports(tmp_path_factory, tiny_dir_session):
                      ("smollm2-depth", dict(method="cka", layers=4))):
         res = prune(PruneConfig.from_flat(model="smollm2-135m", out=str(root / name), **kw, **CALIB))
         out[name] = Path(res.out)
+    for name, kw in (("gemma3-width", dict(ratio=0.1, gqa_mode="heads", attn_units="2")),
+                     ("gemma3-depth", dict(method="cka", layers=2))):
+        res = prune(PruneConfig.from_flat(model="gemma3-270m", out=str(root / name), **kw, **CALIB))
+        assert res.summary["exported_class"] == "Gemma3ForCausalLM"
+        out[name] = Path(res.out)
     res = prune(PruneConfig.from_flat(model=str(tiny_dir_session), out=str(root / "tiny-mistral"), ratio=0.3,
                                       attn_units="2", num_samples=4, seq_len=32, eval_samples=0, progress=False))
     assert res.summary["exported_class"] == "MistralForCausalLM"  # 3 heads do not divide hidden 320
@@ -88,7 +93,8 @@ def agree(a: list[int], b: list[int], margins: list[float]) -> tuple[bool, int]:
     return len(a) == len(b), len(a)
 
 
-@pytest.mark.parametrize("name", ["smollm2-group", "smollm2-heads", "smollm2-depth", "tiny-mistral"])
+@pytest.mark.parametrize("name", ["smollm2-group", "smollm2-heads", "smollm2-depth", "tiny-mistral", "gemma3-width",
+                                  "gemma3-depth"])
 def test_vllm_greedy_tokens_equal_transformers(exports, name, monkeypatch):
     from transformers import AutoTokenizer
     from vllm import LLM, SamplingParams
