@@ -128,19 +128,31 @@ def load_compas(d: Path, attribute: str) -> tuple[list[Item], list[str]]:
     return items, values
 
 
+def _decode(path: Path) -> str:
+    """The file's text: UTF-8 (with or without a BOM) or UTF-16 with a BOM; anything else is a one-line error."""
+    data = path.read_bytes()
+    enc = "utf-16" if data[:2] in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
+    try:
+        if enc != "utf-16" and b"\x00" in data:  # binary, or UTF-16 without a byte-order mark
+            raise UnicodeDecodeError(enc, data, data.index(0), data.index(0) + 1, "NUL byte")
+        return data.decode(enc)
+    except UnicodeDecodeError as e:
+        raise BiasProbeError(f"{path}: not {enc.upper()} text at byte {e.start} (binary data, or UTF-16 without a "
+                             "byte-order mark?); save it as UTF-8") from None
+
+
 def _read_jsonl(path: Path) -> list[dict]:
     out = []
-    with open(path, encoding="utf-8") as f:
-        for n, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise BiasProbeError(f"{path}:{n}: not valid JSON ({e.msg}); fix that line") from None
-            if not isinstance(rec, dict):
-                raise BiasProbeError(f"{path}:{n}: expected a JSON object per line")
-            out.append(rec)
+    for n, line in enumerate(_decode(path).split("\n"), 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise BiasProbeError(f"{path}:{n}: not valid JSON ({e.msg}); fix that line") from None
+        if not isinstance(rec, dict):
+            raise BiasProbeError(f"{path}:{n}: expected a JSON object per line")
+        out.append(rec)
     if not out:
         raise BiasProbeError(f"{path} holds no records")
     return out

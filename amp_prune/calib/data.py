@@ -22,7 +22,7 @@ import torch
 
 from amp_prune.config import DEFAULT_SOURCE, MIN_CHUNK_TOKENS
 from amp_prune.errors import AmpPruneError
-from amp_prune.io.files import read_jsonl
+from amp_prune.io.files import read_jsonl, read_text
 
 log = logging.getLogger(__name__)
 
@@ -75,10 +75,13 @@ def _record_text(rec, field: str) -> str | None:
     return None
 
 
-def load_texts(source: str, *, field: str = "text", config: str | None = None, split: str = "train") -> list[str]:
+def load_texts(source: str, *, field: str = "text", config: str | None = None, split: str = "train",
+               what: str = "calibration") -> list[str]:
     """Return the non-empty documents of ``source``.
 
-    Raises :class:`AmpPruneError` for a missing file, an unreadable format or no text.
+    A local file is decoded by :func:`amp_prune.io.files.read_text` (UTF-8, or UTF-16 with a BOM).
+    Raises :class:`AmpPruneError` for a missing file, undecodable or binary bytes, an unreadable format
+    or no text; ``what`` names the file's role in the message.
     """
     if source == DEFAULT_SOURCE:
         source = str(builtin_path())
@@ -88,10 +91,10 @@ def load_texts(source: str, *, field: str = "text", config: str | None = None, s
         if not path.is_file():
             raise AmpPruneError(f"calibration file not found: {source}")
         if path.suffix == ".jsonl":
-            texts = [_record_text(rec, field) or "" for rec in read_jsonl(path)]
+            texts = [_record_text(rec, field) or "" for rec in read_jsonl(path, what)]
         elif path.suffix == ".json":
             try:
-                data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+                data = json.loads(read_text(path, what))
             except json.JSONDecodeError as e:
                 raise AmpPruneError(f"{source} is not valid JSON ({e.msg} at line {e.lineno})") from None
             if isinstance(data, dict):
@@ -100,7 +103,7 @@ def load_texts(source: str, *, field: str = "text", config: str | None = None, s
                 raise AmpPruneError(f"{source}: expected a JSON list of records or strings")
             texts = [_record_text(r, field) or "" for r in data]
         else:
-            raw = path.read_text(encoding="utf-8", errors="replace")
+            raw = read_text(path, what)
             blocks = [b for b in raw.split("\n\n") if b.strip()]
             texts = blocks if len(blocks) > 1 else raw.splitlines()
     else:
@@ -112,12 +115,17 @@ def load_texts(source: str, *, field: str = "text", config: str | None = None, s
 
 
 def check_source(source: str, what: str = "calibration") -> None:
-    """Pre-flight, without reading: a source that names a local file must exist (dataset names are checked on load)."""
+    """Pre-flight, before any model loads: a source that names a local file must exist and decode as text.
+
+    Dataset names are checked when they are loaded.
+    """
     if source == DEFAULT_SOURCE:
         return
     path = Path(source).expanduser()
     if (path.suffix in (".txt", ".jsonl", ".json") or path.exists()) and not path.is_file():
         raise AmpPruneError(f"{what} file not found: {source}")
+    if path.is_file():
+        read_text(path, what)
 
 
 def _load_dataset_texts(name: str, *, field: str, config: str | None, split: str) -> list[str]:
@@ -193,7 +201,8 @@ def build_batches(tokenizer, source: str = DEFAULT_SOURCE, *, num_samples: int =
     if eval_samples <= 0:
         return calib, []
     if eval_text is not None:
-        held = make_chunks(load_texts(eval_text, field=field), tokenizer, seq_len, seed)[:eval_samples]
+        held = make_chunks(load_texts(eval_text, field=field, what="--eval-text"), tokenizer, seq_len,
+                           seed)[:eval_samples]
         if not held:
             raise AmpPruneError(f"--eval-text {eval_text} gives no chunk of at least {MIN_CHUNK_TOKENS} tokens")
     else:

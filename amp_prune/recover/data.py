@@ -17,7 +17,7 @@ import torch
 
 from amp_prune.calib.data import load_texts, make_chunks
 from amp_prune.errors import AmpPruneError
-from amp_prune.io.files import read_jsonl
+from amp_prune.io.files import read_jsonl, read_text
 
 IGNORE = -100
 PROMPT_INPUT = ("Below is an instruction that describes a task, paired with an input that provides further context. "
@@ -41,9 +41,9 @@ def _read_records(path: Path) -> list | None:
     if path.suffix not in (".json", ".jsonl") or not path.is_file():
         return None
     if path.suffix == ".jsonl":
-        return read_jsonl(path)
+        return read_jsonl(path, "training data")
     try:
-        data = json.loads(path.read_text(encoding="utf-8", errors="replace"))
+        data = json.loads(read_text(path, "training data"))
     except json.JSONDecodeError as e:
         raise AmpPruneError(f"{path} is not valid JSON ({e.msg} at line {e.lineno}); fix it or pass a .txt file") from None
     return data if isinstance(data, list) else None
@@ -78,7 +78,7 @@ def load_examples(source: str, tokenizer, *, seq_len: int, seed: int, field: str
     else:
         if records is not None and records and isinstance(records[0], dict) and "instruction" in records[0]:
             raise AmpPruneError(f"{source}: instruction records need both 'instruction' and 'output' in every record")
-        chunks = make_chunks(load_texts(source, field=field), tokenizer, seq_len, seed)
+        chunks = make_chunks(load_texts(source, field=field, what="training data"), tokenizer, seq_len, seed)
         examples = [(c, list(c)) for c in chunks]
         kind = "text"
     if not examples:

@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from amp_prune.calib.data import Batch
+from amp_prune.calib.data import Batch, check_source
 from amp_prune.config import FinetuneConfig
 from amp_prune.errors import AmpPruneError
 from amp_prune.io.card import finetune_card
@@ -147,6 +147,7 @@ def finetune(config: FinetuneConfig, *, on_step: Callable[[int], None] | None = 
     par.check(config.batch_size)
     t0 = time.perf_counter()
     out = check_out_dir(config.out or config.default_out(), overwrite=config.overwrite)
+    check_source(config.data, "training data")  # a missing, binary or undecodable file, before any load
     teacher_name = config.teacher
     if config.loss != "lm" and teacher is None:
         teacher_name = resolve_teacher(config.model, config.teacher)  # before any load
