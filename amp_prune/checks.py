@@ -16,6 +16,7 @@ from amp_prune.calib.data import check_source
 from amp_prune.config import PruneConfig
 from amp_prune.errors import AmpPruneError
 from amp_prune.eval.harness import check_tasks, split_eval_spec
+from amp_prune.io.faults import tensor_bytes
 from amp_prune.io.load import LoadedModel
 from amp_prune.plan import PrunePlan
 from amp_prune.planners import Job
@@ -65,6 +66,18 @@ def check_inputs(config: PruneConfig) -> Inputs:
         except BiasProbeError as e:
             raise AmpPruneError(f"--bias-check: {e}") from None
     return inputs
+
+
+def export_estimate(model: torch.nn.Module, spec: ArchSpec, job: Job, plan: PrunePlan | None) -> int:
+    """Bytes the export's tensors will take, estimated before planning: the dense ones less the requested share."""
+    total = count_params(model)
+    if plan is not None:
+        share = plan.target_ratio or 0.0
+    elif job.n_blocks is not None:
+        share = job.n_blocks * count_params(spec.get_layers(model)[0]) / total
+    else:
+        share = job.ratio
+    return int(tensor_bytes(model) * (1 - share))
 
 
 def scoped_ratio(config: PruneConfig, model: torch.nn.Module, spec: ArchSpec) -> float:

@@ -145,6 +145,11 @@ def _guard(args, fn) -> int:
     except Exception as e:  # noqa: BLE001 - the user gets one line; --debug shows the traceback
         if args.debug:
             raise
+        from amp_prune.io.faults import user_fault
+        if user_fault(e) is not None:  # a full disk or no permission where no stage named the path: still not ours
+            where = f"{e.filename}: " if getattr(e, "filename", None) else ""
+            print(f"amp-prune: error: {where}{str(e).splitlines()[0]}", file=sys.stderr)
+            return 2
         print(f"amp-prune: internal error: {type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''} "
               f"(rerun with --debug for the traceback and please report it)", file=sys.stderr)
         return 1

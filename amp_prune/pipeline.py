@@ -19,13 +19,14 @@ import torch
 
 from amp_prune.arch import ArchSpec
 from amp_prune.calib.data import Batch, build_batches
-from amp_prune.checks import Inputs, check_inputs, check_model
+from amp_prune.checks import Inputs, check_inputs, check_model, export_estimate
 from amp_prune.config import CalibConfig, PruneConfig
 from amp_prune.eval.agreement import runner_logit_diff, tolerance
 from amp_prune.eval.harness import evaluate_model
 from amp_prune.eval.perplexity import perplexity
 from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
+from amp_prune.io.faults import check_free_space, check_writable
 from amp_prune.io.files import peak_rss_mb, release_freed_memory, versions, write_json
 from amp_prune.io.hub import push_folder, source_metadata
 from amp_prune.io.load import ALIASES, LoadedModel, resolve_device, resolve_dtype
@@ -167,7 +168,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     t0 = time.perf_counter()
     out = config.out or config.default_out()
     if save:
-        check_out_dir(out, overwrite=config.overwrite, input_path=None)
+        check_writable(check_out_dir(out, overwrite=config.overwrite, input_path=None))
     inputs = check_inputs(config)
     device = resolve_device(config.runtime.device)
     dtype = resolve_dtype(config.runtime.dtype, device)
@@ -178,6 +179,8 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     job = check_model(config, loaded, inputs, device)
+    if save:
+        check_free_space(Path(out), export_estimate(loaded.model, loaded.spec, job, inputs.plan))
     timings["load_s"] = time.perf_counter() - t
     model, spec = loaded.model, loaded.spec
 

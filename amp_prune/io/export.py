@@ -28,6 +28,7 @@ from amp_prune.arch import native_config
 from amp_prune.calib.data import Batch
 from amp_prune.errors import AmpPruneError
 from amp_prune.eval.agreement import stock_logit_diff, tolerance
+from amp_prune.io.faults import tensor_bytes, writing_to
 from amp_prune.io.files import release_freed_memory, write_json
 from amp_prune.placement import is_offloaded
 
@@ -120,54 +121,57 @@ def _export_offloaded(model: PreTrainedModel, tokenizer, tmp: Path, check_batche
 
 def export(model: PreTrainedModel, tokenizer, out: str | Path, *, check_batches: list[Batch], device: torch.device,
            files: dict[str, dict] | None = None, card: Callable[[float], str] | None = None,
-           overwrite: bool = False, input_path: str | None = None, writers: list[Callable[[Path], None]] | None = None) -> ExportCheck:
+           overwrite: bool = False, input_path: str | None = None,
+           writers: list[Callable[[Path], None]] | None = None) -> ExportCheck:
     """Write ``model`` to ``out`` atomically after a reload-and-compare check.
 
     ``files`` maps extra JSON file names to contents; ``card(max_abs_diff)`` returns the
     ``README.md`` text; ``writers`` are called with the temporary dir to add other files
     (plots). Raises :class:`AmpPruneError` and leaves nothing behind if the reloaded logits
-    differ beyond the dtype's tolerance.
+    differ beyond the dtype's tolerance, or if the disk fills up or the folder cannot be written
+    (:func:`amp_prune.io.faults.writing_to`).
     """
     out = check_out_dir(out, overwrite=overwrite, input_path=input_path)
     dtype = next(model.parameters()).dtype
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
-    try:
-        if is_offloaded(model):
-            diff, exported = _export_offloaded(model, tokenizer, tmp, check_batches, device, dtype)
-        else:
-            native = to_native(model)
-            native.save_pretrained(tmp)
-            tokenizer.save_pretrained(tmp)
-            release_freed_memory()  # the serializer's buffers, before a second copy of the model loads
-            reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
-            reloaded.to(next(native.parameters()).device)
-            diff = stock_logit_diff(model, reloaded, check_batches, device)
-            del reloaded
-            exported = type(native).__name__
-        check = ExportCheck(max_abs_diff=diff, tolerance=tolerance(dtype), exported_class=exported)
-        if not check.ok:
-            raise AmpPruneError(f"reloaded checkpoint differs from the in-memory model (max |diff| {diff:.3g} > "
-                                f"{check.tolerance}); nothing was written. Please report this as a bug")
-        for name, content in (files or {}).items():
-            payload = dict(content)
-            if name == "run.json":
-                payload["export_check"] = {"max_abs_diff": diff, "tolerance": check.tolerance,
-                                           "exported_class": check.exported_class}
-            write_json(tmp / name, payload)
-        for write in writers or []:
-            write(tmp)
-        if card is not None:
-            (tmp / "README.md").write_text(card(diff))
-        old = None
-        if out.exists():
-            old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
-            os.replace(out, old)
-        _fix_permissions(tmp)
-        os.replace(tmp, out)
-        if old is not None:
-            shutil.rmtree(old, ignore_errors=True)
-        return check
-    finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+    with writing_to(out, tensor_bytes(model)):  # a full disk or no permission: one line, nothing left behind
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / f".{out.name}.tmp-{uuid.uuid4().hex[:8]}"
+        try:
+            if is_offloaded(model):
+                diff, exported = _export_offloaded(model, tokenizer, tmp, check_batches, device, dtype)
+            else:
+                native = to_native(model)
+                native.save_pretrained(tmp)
+                tokenizer.save_pretrained(tmp)
+                release_freed_memory()  # the serializer's buffers, before a second copy of the model loads
+                reloaded = AutoModelForCausalLM.from_pretrained(tmp, dtype=dtype).eval()
+                reloaded.to(next(native.parameters()).device)
+                diff = stock_logit_diff(model, reloaded, check_batches, device)
+                del reloaded
+                exported = type(native).__name__
+            check = ExportCheck(max_abs_diff=diff, tolerance=tolerance(dtype), exported_class=exported)
+            if not check.ok:
+                raise AmpPruneError(f"reloaded checkpoint differs from the in-memory model (max |diff| {diff:.3g} > "
+                                    f"{check.tolerance}); nothing was written. Please report this as a bug")
+            for name, content in (files or {}).items():
+                payload = dict(content)
+                if name == "run.json":
+                    payload["export_check"] = {"max_abs_diff": diff, "tolerance": check.tolerance,
+                                               "exported_class": check.exported_class}
+                write_json(tmp / name, payload)
+            for write in writers or []:
+                write(tmp)
+            if card is not None:
+                (tmp / "README.md").write_text(card(diff))
+            old = None
+            if out.exists():
+                old = out.parent / f".{out.name}.old-{uuid.uuid4().hex[:8]}"
+                os.replace(out, old)
+            _fix_permissions(tmp)
+            os.replace(tmp, out)
+            if old is not None:
+                shutil.rmtree(old, ignore_errors=True)
+            return check
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)

@@ -23,6 +23,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer, PreTra
 
 from amp_prune.arch import ArchSpec, get_spec
 from amp_prune.errors import AmpPruneError
+from amp_prune.io.faults import check_safetensors
 
 log = logging.getLogger(__name__)
 
@@ -216,6 +217,8 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
                     f"pass a local model directory, a .gguf file, or one of {', '.join(ALIASES)}") from None
             raise AmpPruneError(f"cannot read the config of {ref}: {str(e).splitlines()[0]}") from None
         spec = get_spec(getattr(config, "model_type", "unknown"))
+        if path is not None:
+            check_safetensors(path)  # a damaged or truncated file is named before any weight loads
         placement = {}
         if offload_folder is not None:
             from amp_prune.io.offload import disk_device_map
