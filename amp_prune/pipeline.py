@@ -28,6 +28,7 @@ from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.faults import check_free_space, check_writable
 from amp_prune.io.files import peak_rss_mb, release_freed_memory, versions, write_json
+from amp_prune.io.gguf_export import check_gguf_request, gguf_name, write_gguf
 from amp_prune.io.hub import push_folder, source_metadata
 from amp_prune.io.load import ALIASES, LoadedModel, resolve_device, resolve_dtype
 from amp_prune.io.offload import load_placed
@@ -181,6 +182,8 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     job = check_model(config, loaded, inputs, device)
     if save:
         check_free_space(Path(out), export_estimate(loaded.model, loaded.spec, job, inputs.plan))
+        if config.gguf:
+            check_gguf_request(config.gguf, loaded.model.config.model_type, source_gguf=loaded.gguf_source)
     timings["load_s"] = time.perf_counter() - t
     model, spec = loaded.model, loaded.spec
 
@@ -241,9 +244,15 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
             files["eval.json"] = summary["eval"]
         if "bias_check" in summary:
             files["bias_check.json"] = summary["bias_check"]
+        writers = [lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else []
+        if config.gguf:  # into the same temporary dir: a failure leaves neither a half file nor a half export
+            summary["gguf"] = gguf_name(Path(out), config.gguf).name
+            writers.append(lambda d: write_gguf(model, loaded.tokenizer, gguf_name(d, config.gguf), config.gguf,
+                                                source_gguf=Path(loaded.gguf_source) if loaded.gguf_source else None,
+                                                name=summary["name"], base_model=summary["card_meta"].get("base_model"),
+                                                description=f"pruned by amp-prune: {summary['method']}"))
         check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device,
-                       files=files, card=lambda diff: model_card(summary, diff),
-                       writers=[lambda d: plot_steps(plan, d / "layer_scores.png")] if plan.steps else None,
+                       files=files, card=lambda diff: model_card(summary, diff), writers=writers,
                        overwrite=config.overwrite, input_path=loaded.path)
         timings["export_s"] = time.perf_counter() - t
         summary["export_max_abs_diff"] = check.max_abs_diff

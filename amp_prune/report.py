@@ -66,6 +66,8 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
     if out:
         lines.append(f"saved to {out} ({s.get('exported_class')}); reloaded with from_pretrained, "
                      f"logits match (max |diff| {s.get('export_max_abs_diff', 0):.1e})")
+        if s.get("gguf"):
+            lines.append(f"llama.cpp / Ollama: {out}/{s['gguf']}")
     return "\n".join(lines)
 
 

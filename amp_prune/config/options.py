@@ -21,6 +21,7 @@ REFITS = ("none", "onepass", "sequential")
 LOSSES = ("kd", "lm", "kd+lm")
 STANDIN_FORMS = ("down", "map")
 RATIO_SCOPES = ("all", "blocks")
+GGUF_TYPES = ("f32", "f16", "bf16", "q8_0")
 DEFAULT_SOURCE = "builtin:c4"
 MIN_CHUNK_TOKENS = 16
 

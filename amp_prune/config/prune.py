@@ -16,9 +16,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields, is_dataclass
 from pathlib import Path
 
-from amp_prune.config.options import (CRITERIA, DEFAULT_SOURCE, DEPTH_CACHES, DEPTH_DTYPES, GQA_MODES, LAYER_CRITERIA,
-                                      METHODS, MIN_CHUNK_TOKENS, OFFLOADS, RATIO_SCOPES, REFITS, REPRESENTATIONS,
-                                      RESCORES, STANDIN_FORMS, _choice, _int_at_least, opt)
+from amp_prune.config.options import (CRITERIA, DEFAULT_SOURCE, DEPTH_CACHES, DEPTH_DTYPES, GGUF_TYPES, GQA_MODES,
+                                      LAYER_CRITERIA, METHODS, MIN_CHUNK_TOKENS, OFFLOADS, RATIO_SCOPES, REFITS,
+                                      REPRESENTATIONS, RESCORES, STANDIN_FORMS, _choice, _int_at_least, opt)
 from amp_prune.errors import AmpPruneError
 
 @dataclass
@@ -212,6 +212,8 @@ class PruneConfig:
     ratio_of: str = opt("all", "what --ratio is a share of: all parameters (default), or the decoder blocks' "
                                "(blocks: embeddings excluded; they are 62.6%% of Gemma 3 270M)", choices=RATIO_SCOPES)
     out: str | None = opt(None, "output directory (default: ./<model>-<criterion><percent>)")
+    gguf: str | None = opt(None, "also write model-TYPE.gguf into the output dir, for llama.cpp and Ollama (Llama "
+                                 "layout; Gemma 3 from a GGUF)", choices=GGUF_TYPES, metavar="TYPE")
     overwrite: bool = opt(False, "replace an existing output directory")
     method: str = opt("width", "width: AMP heads+channels; cka: drop whole blocks; hybrid: width or depth at each step "
                                "(default %(default)s)", choices=METHODS)
@@ -233,6 +235,8 @@ class PruneConfig:
             raise AmpPruneError(f"--ratio must be strictly between 0 and 1 (got {self.ratio}); e.g. --ratio 0.3")
         _choice(self.method, METHODS, "--method")
         _choice(self.ratio_of, RATIO_SCOPES, "--ratio-of")
+        if self.gguf is not None:
+            _choice(self.gguf, GGUF_TYPES, "--gguf")
         if self.ratio_of == "blocks" and self.depth.layers is not None:
             raise AmpPruneError("--ratio-of applies to --ratio; drop it with --layers")
         if self.push_to_hub is not None:

@@ -80,3 +80,28 @@ def test_a_read_only_folder_for_real(tiny_dir, tmp_path, capsys):
     finally:
         locked.chmod(0o700)
     assert f"cannot write to {locked}" in line
+
+
+def test_a_full_disk_during_the_gguf_write(tiny_dir, tmp_path, monkeypatch, capsys):
+    """--gguf writes inside the export's temporary folder, and `amp-prune gguf` to a temporary name: a full disk
+    half-way through the GGUF leaves neither a half file nor a half export."""
+    import errno
+
+    import amp_prune.io.gguf_export as gguf_export
+    src, out = tiny_dir(), tmp_path / "out"
+    assert main([str(src), "--ratio", "0.3", "--out", str(out), *TINY]) == 0
+    before = sorted(p.name for p in out.iterdir())
+
+    def fills_up(model, tokenizer, path, kind, **k):
+        path.write_bytes(b"GGUF" + b"x" * 100)
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(pipeline, "write_gguf", fills_up)
+    monkeypatch.setattr(gguf_export, "write_gguf", fills_up)
+    line = one_line_error(capsys, main([str(src), "--ratio", "0.3", "--out", str(tmp_path / "two"), "--gguf", "f16",
+                                        *TINY]))
+    assert f"no space left on the device of {tmp_path} (" in line, line
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted([src.name, out.name])
+    line = one_line_error(capsys, main(["gguf", str(out), "--type", "q8_0"]))
+    assert f"no space left on the device of {out} (" in line, line
+    assert sorted(p.name for p in out.iterdir()) == before
