@@ -61,6 +61,8 @@ def format_summary(s: dict, timings: dict, out: str | None) -> str:
     if s.get("ratio_of") == "blocks":
         removed = f"{s['achieved_block_ratio']:.2%} of the decoder blocks' parameters ({target}), " \
                   f"{s['achieved_ratio']:.2%} of all"
+    elif s.get("achieved_block_ratio", 0) >= 1.5 * s["achieved_ratio"] > 0:  # embedding-heavy: say where the cut fell
+        removed += f", which is {s['achieved_block_ratio']:.0%} of the decoder blocks' (--ratio-of blocks sets that share)"
     lines.append(f"removed {removed}; "
                  f"wall time {timings.get('total_s', 0):.1f}s, peak RSS {timings.get('peak_rss_mb', 0):.0f} MiB")
     if out:

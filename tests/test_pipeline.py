@@ -166,6 +166,17 @@ def test_ratio_of_blocks_removes_that_share_of_the_decoder_blocks(tiny_dir, tmp_
     assert s["achieved_ratio"] == pytest.approx(s["achieved_block_ratio"] * share)
 
 
+def test_the_summary_says_where_a_ratio_of_all_fell_on_an_embedding_heavy_model():
+    from amp_prune.report import format_summary
+    base = {"method": "width", "target_ratio": 0.3, "achieved_ratio": 0.3, "ratio_of": "all", "params_before": 10,
+            "params_after": 7, "heads_before": 4, "kv_before": 1, "heads_after": 1, "kv_after": 1, "layers_before": 18,
+            "layers_after": 18, "channels_before": 2048, "channels_after": 233, "ppl_before": 30.0, "ppl_after": 562.6}
+    heavy = format_summary({**base, "achieved_block_ratio": 0.80}, {}, None)  # Gemma 3 270M's default run
+    assert "removed 30.00% of all parameters (target 30%), which is 80% of the decoder blocks'" in heavy, heavy
+    light = format_summary({**base, "achieved_block_ratio": 0.36}, {}, None)  # SmolLM2's
+    assert "of the decoder blocks'" not in light, light
+
+
 @pytest.mark.parametrize("case", [dict(ratio=0.97), dict(ratio=0.97, method="cka"), dict(ratio=0.99, method="hybrid")])
 def test_infeasible_ratio_names_the_ceiling_under_both_scopes(tiny_dir, tmp_path, case, no_forward):
     with pytest.raises(AmpPruneError) as err:
