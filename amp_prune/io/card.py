@@ -26,7 +26,8 @@ def model_card(s: dict, max_abs_diff: float) -> str:
         report.markdown_table(["", "before", "after"], report.summary_rows(s)), "",
         (f"Target ratio {s['target_ratio']:.3f}, achieved " if s.get("target_ratio") is not None else "Achieved ")
         + (f"{s['achieved_block_ratio']:.4f} of the decoder blocks' parameters removed ({s['achieved_ratio']:.4f} of "
-           "all)." if s.get("ratio_of") == "blocks" else f"{s['achieved_ratio']:.4f} of all parameters removed.")
+           "all)." if s.get("ratio_of") == "blocks" else f"{s['achieved_ratio']:.4f} of all parameters removed"
+           + (f" ({s['achieved_block_ratio']:.4f} of the decoder blocks')." if "achieved_block_ratio" in s else "."))
         + (f" Removed blocks (original indexing): {s['removed_layers']}." if s.get("removed_layers") else ""),
         f"Perplexity: {s.get('ppl_protocol') or 'not measured'}.", "",
         f"The export was reloaded with plain `from_pretrained`; max |logit difference| = {max_abs_diff:.2e}.",
