@@ -28,7 +28,7 @@ from amp_prune.io.card import model_card
 from amp_prune.io.export import check_out_dir, export
 from amp_prune.io.faults import check_free_space, check_writable
 from amp_prune.io.files import peak_rss_mb, release_freed_memory, versions, write_json
-from amp_prune.io.gguf_export import check_gguf_request, gguf_name, write_gguf
+from amp_prune.io.gguf_export import check_gguf_request, gguf_name, plan_description, write_gguf
 from amp_prune.io.hub import push_folder, source_metadata
 from amp_prune.io.load import ALIASES, LoadedModel, resolve_device, resolve_dtype
 from amp_prune.io.offload import load_placed
@@ -250,7 +250,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
             writers.append(lambda d: write_gguf(model, loaded.tokenizer, gguf_name(d, config.gguf), config.gguf,
                                                 source_gguf=Path(loaded.gguf_source) if loaded.gguf_source else None,
                                                 name=summary["name"], base_model=summary["card_meta"].get("base_model"),
-                                                description=f"pruned by amp-prune: {summary['method']}"))
+                                                description=plan_description(summary)))
         check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device,
                        files=files, card=lambda diff: model_card(summary, diff), writers=writers,
                        overwrite=config.overwrite, input_path=loaded.path)

@@ -174,6 +174,13 @@ def _build_tokenizer(w, tokenizer) -> None:
         SpecialVocab(Path(tmp), load_merges=True, n_vocab=len(tokens)).add_to_gguf(w)
 
 
+def plan_description(s: dict) -> str:
+    """``general.description``: what amp-prune removed, from a run summary ``s`` (``run.json``'s ``summary``)."""
+    return (f"pruned by amp-prune ({s['method']}) from {s['source']}: {s['achieved_ratio']:.1%} of the parameters "
+            f"removed; {s['layers_after']} blocks of {s['heads_after']}/{s['kv_after']} heads/KV heads and "
+            f"{s['channels_after']} MLP channels")
+
+
 def write_gguf(model: nn.Module, tokenizer, path: Path, kind: str, *, source_gguf: Path | None = None,
                name: str = "", description: str = "", base_model: str | None = None) -> Path:
     """Write ``model`` (a Llama-layout CausalLM) to ``path`` as GGUF ``kind`` (see the module docstring)."""
@@ -242,10 +249,11 @@ def gguf_for_dir(folder: str | Path, kind: str, *, overwrite: bool = False) -> P
     if target.exists() and not overwrite:
         raise AmpPruneError(f"{target} already exists; pass --overwrite")
     config = json.loads((folder / "config.json").read_text())
-    source, src = None, None
+    source, summary = None, {}
     run = folder / "run.json"
     if run.is_file():
-        src = json.loads(run.read_text()).get("config", {}).get("model")
+        record = json.loads(run.read_text())
+        src, summary = record.get("config", {}).get("model"), record.get("summary", {})
         if isinstance(src, str):
             source = alias_gguf(src, Path(src).expanduser())
     check_gguf_request(kind, config.get("model_type", "unknown"), source_gguf=source)
@@ -254,7 +262,8 @@ def gguf_for_dir(folder: str | Path, kind: str, *, overwrite: bool = False) -> P
     with writing_to(target, tensor_bytes(lm.model)):
         try:
             write_gguf(lm.model, lm.tokenizer, tmp, kind, source_gguf=Path(source) if source else None,
-                       name=folder.name, description=f"pruned by amp-prune from {src}" if source else "")
+                       name=folder.name, description=plan_description(summary) if summary else "",
+                       base_model=summary.get("card_meta", {}).get("base_model"))
             os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)

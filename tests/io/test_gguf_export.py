@@ -51,6 +51,13 @@ def test_written_gguf_reloads_in_transformers_with_the_exports_perplexity(case, 
     res = prune(PruneConfig.from_flat(model="smollm2-135m", out=str(out), gguf=kind, **extra, **CALIB))
     path = out / f"model-{kind}.gguf"
     assert path.is_file() and json.loads((out / "run.json").read_text())["summary"]["gguf"] == path.name
+    from gguf import GGUFReader
+    meta = GGUFReader(str(path)).fields
+    s = res.summary
+    assert meta["general.description"].contents() == (
+        f"pruned by amp-prune ({s['method']}) from smollm2-135m: {s['achieved_ratio']:.1%} of the parameters removed; "
+        f"{s['layers_after']} blocks of {s['heads_after']}/{s['kv_after']} heads/KV heads and {s['channels_after']} MLP "
+        "channels")
     back = AutoModelForCausalLM.from_pretrained(str(out), gguf_file=path.name, dtype=torch.float32).eval()
     assert back.config.num_attention_heads == res.model.config.num_attention_heads
     assert back.config.num_hidden_layers == res.model.config.num_hidden_layers
