@@ -183,7 +183,8 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     if save:
         check_free_space(Path(out), export_estimate(loaded.model, loaded.spec, job, inputs.plan))
         if config.gguf:
-            check_gguf_request(config.gguf, loaded.model.config.model_type, source_gguf=loaded.gguf_source)
+            check_gguf_request(config.gguf, loaded.model.config.model_type, source_gguf=loaded.gguf_source,
+                               config=loaded.model.config)
     timings["load_s"] = time.perf_counter() - t
     model, spec = loaded.model, loaded.spec
 

@@ -49,8 +49,9 @@ def gguf_name(out_dir: Path | str, kind: str) -> Path:
     return Path(out_dir) / f"model-{kind}.gguf"
 
 
-def check_gguf_request(kind: str, model_type: str, *, source_gguf: str | Path | None = None) -> None:
-    """Refuse an unknown type, or a family or tokenizer we cannot write (one line, before any work)."""
+def check_gguf_request(kind: str, model_type: str, *, source_gguf: str | Path | None = None, config=None) -> None:
+    """Refuse an unknown type, or a family, tokenizer or (with ``config``) layout we cannot write: one line, before
+    any work."""
     if kind not in GGUF_TYPES:
         raise AmpPruneError(f"unknown --gguf type '{kind}': choose one of {', '.join(GGUF_TYPES)}")
     if model_type not in ARCHS:
@@ -60,6 +61,22 @@ def check_gguf_request(kind: str, model_type: str, *, source_gguf: str | Path | 
         raise AmpPruneError(f"--gguf for {model_type} carries the tokenizer over from a GGUF input (gemma3-270m or a "
                             ".gguf file); this model came from safetensors: export without --gguf and convert the "
                             "export with llama.cpp's convert_hf_to_gguf.py")
+    if config is not None:
+        _check_layout(config, ARCHS[model_type])
+
+
+def _check_layout(config, arch: str) -> None:
+    """What the writer assumes: plain (unscaled) RoPE, and for gemma3 llama.cpp's query scale ``1/sqrt(head_dim)``."""
+    rope = getattr(config, "rope_parameters", None) or {}
+    kinds = {v.get("rope_type", "default") for v in rope.values() if isinstance(v, dict)}
+    kinds.add(rope.get("rope_type", "default"))
+    if kinds - {"default"}:
+        raise AmpPruneError(f"--gguf writes plain RoPE; this model's RoPE scaling is {sorted(kinds - {'default'})}: "
+                            "export without --gguf and convert the export with llama.cpp's convert_hf_to_gguf.py")
+    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    if arch == "gemma3" and int(getattr(config, "query_pre_attn_scalar", head_dim)) != int(head_dim):
+        raise AmpPruneError(f"--gguf: this Gemma 3 scales queries by 1/sqrt({config.query_pre_attn_scalar}) and "
+                            f"llama.cpp by 1/sqrt(head_dim={head_dim}); export without --gguf")
 
 
 def interleave_rope_rows(w: torch.Tensor, n_heads: int) -> torch.Tensor:
@@ -116,24 +133,12 @@ def _add_hparams(w, arch: str, config, n_layers: int) -> None:
     if arch != "gemma3":
         w.add_rope_freq_base(_rope_base(config))
         return
-    _check_gemma3(config, head_dim)
     w.add_rope_freq_base(_rope_base(config, "full_attention"))
     w.add_rope_freq_base_swa(_rope_base(config, "sliding_attention"))
     w.add_sliding_window(int(config.sliding_window))
     w.add_sliding_window_pattern([t == "sliding_attention" for t in config.layer_types])
     if getattr(config, "final_logit_softcapping", None):
         w.add_final_logit_softcapping(float(config.final_logit_softcapping))
-
-
-def _check_gemma3(config, head_dim: int) -> None:
-    """What llama.cpp's gemma3 graph assumes: query scale ``1/sqrt(head_dim)`` and plain (unscaled) RoPE."""
-    if int(getattr(config, "query_pre_attn_scalar", head_dim)) != int(head_dim):
-        raise AmpPruneError(f"--gguf: this Gemma 3 scales queries by 1/sqrt({config.query_pre_attn_scalar}) and "
-                            f"llama.cpp by 1/sqrt(head_dim={head_dim}); export without --gguf")
-    rope = getattr(config, "rope_parameters", None) or {}
-    kinds = {v.get("rope_type", "default") for v in rope.values() if isinstance(v, dict)}
-    if kinds - {"default"}:
-        raise AmpPruneError(f"--gguf: Gemma 3 RoPE scaling {sorted(kinds)} is not written yet; export without --gguf")
 
 
 def _copy_tokenizer(w, source_gguf: Path) -> None:
@@ -187,7 +192,7 @@ def write_gguf(model: nn.Module, tokenizer, path: Path, kind: str, *, source_ggu
     import gguf
 
     config = model.config
-    check_gguf_request(kind, config.model_type, source_gguf=source_gguf)
+    check_gguf_request(kind, config.model_type, source_gguf=source_gguf, config=config)
     arch = ARCHS[config.model_type]
     n_layers = int(config.num_hidden_layers)
     w = gguf.GGUFWriter(str(path), arch)
@@ -258,6 +263,7 @@ def gguf_for_dir(folder: str | Path, kind: str, *, overwrite: bool = False) -> P
             source = alias_gguf(src, Path(src).expanduser())
     check_gguf_request(kind, config.get("model_type", "unknown"), source_gguf=source)
     lm = load_model(str(folder), device="cpu", dtype="float32")
+    check_gguf_request(kind, lm.model.config.model_type, source_gguf=source, config=lm.model.config)
     tmp = folder / f".{target.name}.tmp-{uuid.uuid4().hex[:8]}"
     with writing_to(target, tensor_bytes(lm.model)):
         try:

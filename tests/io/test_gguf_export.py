@@ -65,3 +65,24 @@ def test_written_gguf_reloads_in_transformers_with_the_exports_perplexity(case, 
     want = perplexity(res.model, get_spec(res.model.config.model_type), windows, CPU)
     got = perplexity(back, get_spec(back.config.model_type), windows, CPU)
     assert abs(got / want - 1) <= TOLERANCE[kind], (case, kind, got, want)
+
+
+def test_a_layout_the_writer_cannot_express_is_refused():
+    """RoPE scaling (Llama 3.1's llama3 type) changes every position's rotation, and Gemma 3 27B scales its queries by
+    something other than 1/sqrt(head_dim): writing either as plain metadata would run wrong in llama.cpp."""
+    from transformers import Gemma3TextConfig, LlamaConfig
+
+    from amp_prune.io.gguf_export import check_gguf_request
+    small = dict(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, intermediate_size=128)
+    check_gguf_request("f16", "llama", config=LlamaConfig(**small))
+    llama31 = LlamaConfig(**small, rope_parameters={"rope_type": "llama3", "rope_theta": 5e5, "factor": 8.0,
+                                                    "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                                    "original_max_position_embeddings": 8192})
+    with pytest.raises(AmpPruneError, match=r"--gguf writes plain RoPE; this model's RoPE scaling is \['llama3'\]"):
+        check_gguf_request("f16", "llama", config=llama31)
+    gemma = dict(small, head_dim=32, num_key_value_heads=1)
+    check_gguf_request("f16", "gemma3_text", source_gguf="x.gguf", config=Gemma3TextConfig(**gemma,
+                                                                                          query_pre_attn_scalar=32))
+    with pytest.raises(AmpPruneError, match=r"scales queries by 1/sqrt\(168\) and llama.cpp by 1/sqrt\(head_dim=32\)"):
+        check_gguf_request("f16", "gemma3_text", source_gguf="x.gguf",
+                           config=Gemma3TextConfig(**gemma, query_pre_attn_scalar=168))
