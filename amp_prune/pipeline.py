@@ -30,7 +30,7 @@ from amp_prune.io.faults import check_free_space, check_writable
 from amp_prune.io.files import peak_rss_mb, release_freed_memory, versions, write_json
 from amp_prune.io.gguf_export import check_gguf_request, gguf_name, plan_description, write_gguf
 from amp_prune.io.hub import push_folder, source_metadata
-from amp_prune.io.load import ALIASES, LoadedModel, resolve_device, resolve_dtype
+from amp_prune.io.load import ALIASES, LoadedModel, alias_gguf, resolve_device, resolve_dtype
 from amp_prune.io.offload import load_placed
 from amp_prune.plan import PrunePlan
 from amp_prune.planners import PLANNERS, with_method_defaults
@@ -180,10 +180,12 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
     if save:
         check_out_dir(out, overwrite=config.overwrite, input_path=loaded.path)
     job = check_model(config, loaded, inputs, device)
+    gguf_source = None
     if save:
         check_free_space(Path(out), export_estimate(loaded.model, loaded.spec, job, inputs.plan))
-        if config.gguf:
-            check_gguf_request(config.gguf, loaded.model.config.model_type, source_gguf=loaded.gguf_source,
+        if config.gguf:  # the source GGUF (whose tokenizer metadata is carried over) is resolved only here
+            gguf_source = alias_gguf(config.model, Path(loaded.path) if loaded.path else None)
+            check_gguf_request(config.gguf, loaded.model.config.model_type, source_gguf=gguf_source,
                                config=loaded.model.config)
     timings["load_s"] = time.perf_counter() - t
     model, spec = loaded.model, loaded.spec
@@ -249,7 +251,7 @@ def prune(config: PruneConfig, *, save: bool = True, keep_dense: bool = False) -
         if config.gguf:  # into the same temporary dir: a failure leaves neither a half file nor a half export
             summary["gguf"] = gguf_name(Path(out), config.gguf).name
             writers.append(lambda d: write_gguf(model, loaded.tokenizer, gguf_name(d, config.gguf), config.gguf,
-                                                source_gguf=Path(loaded.gguf_source) if loaded.gguf_source else None,
+                                                source_gguf=Path(gguf_source) if gguf_source else None,
                                                 name=summary["name"], base_model=summary["card_meta"].get("base_model"),
                                                 description=plan_description(summary)))
         check = export(model, loaded.tokenizer, out, check_batches=(held or calib)[:1], device=device,

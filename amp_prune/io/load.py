@@ -62,7 +62,6 @@ class LoadedModel:
     spec: ArchSpec
     source: str  # what the user passed
     path: str | None  # resolved local path (dir or .gguf), None for a hub download
-    gguf_source: str | None = None  # the GGUF file the weights came from (a .gguf input or a built-in model)
 
 
 def cache_dir() -> Path:
@@ -243,11 +242,14 @@ def load_model(source: str, *, device: str | torch.device | None = None, dtype: 
     if getattr(tok, "pad_token", None) is None:
         tok.pad_token = tok.eos_token
     return LoadedModel(model=model, tokenizer=tok, spec=spec, source=source,
-                       path=str(path) if path is not None else None, gguf_source=alias_gguf(source, path))
+                       path=str(path) if path is not None else None)
 
 
 def alias_gguf(source: str, path: Path | None) -> str | None:
-    """The GGUF file behind ``source``: the file itself, a built-in model's, or None."""
+    """The GGUF file behind ``source``: the file itself, a built-in model's, or None.
+
+    Called only when a GGUF is written: for ``gemma3-270m`` it joins the package's chunks when they are not
+    joined yet."""
     if source in ALIASES:
         return str(demo_gguf_path() if source == DEMO_ALIAS else gemma_gguf_path())
     return str(path) if path is not None and path.is_file() and path.suffix == ".gguf" else None
